@@ -1,0 +1,1 @@
+"""Prefect flows of mergealign: the study, single merge, evaluation and the demo zoo."""

@@ -1,0 +1,458 @@
+"""Checkpoints: local directories or hub references, read lazily one tensor at a time.
+
+A `Checkpoint` knows every tensor's name, shape, dtype and file from the safetensors headers alone, so
+preflight checks run before a single tensor is read. Pickle checkpoints (*.bin, *.pt) are refused unless
+`allow_pickle` is set, and then loaded with `torch.load(weights_only=True)`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import struct
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mergealign.errors import CheckpointError, MergeAlignError
+
+log = logging.getLogger(__name__)
+
+# safetensors dtype codes -> torch dtypes and element sizes.
+ST_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
+TORCH_TO_ST: dict[torch.dtype, str] = {v: k for k, v in ST_DTYPES.items()}
+FLOAT_CODES = {"F64", "F32", "F16", "BF16"}
+
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+SAFETENSORS_SINGLE = "model.safetensors"
+PICKLE_INDEX = "pytorch_model.bin.index.json"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+# A header larger than this is corrupt, not a model (safetensors itself caps it at 100 MB).
+MAX_HEADER_BYTES = 100_000_000
+
+# Files that travel with a model: tokenizer, chat template, generation settings.
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+GENERATION_CONFIG = "generation_config.json"
+
+
+def dtype_from_name(name: str | torch.dtype) -> torch.dtype:
+    """'bfloat16' / 'bf16' / 'BF16' / torch.bfloat16 -> torch.bfloat16."""
+    if isinstance(name, torch.dtype):
+        return name
+    aliases = {
+        "bf16": "bfloat16",
+        "fp16": "float16",
+        "half": "float16",
+        "fp32": "float32",
+        "float": "float32",
+    }
+    key = name.strip().lower()
+    if name.upper() in ST_DTYPES:
+        return ST_DTYPES[name.upper()]
+    key = aliases.get(key, key)
+    dtype = getattr(torch, key, None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise MergeAlignError(f"unknown dtype {name!r}: use one of float32, bfloat16, float16")
+    return dtype
+
+
+def dtype_size(code: str) -> int:
+    return torch.empty((), dtype=ST_DTYPES[code]).element_size()
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One tensor as its header describes it."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str  # safetensors code, e.g. "BF16"
+    file: str  # file name inside the checkpoint directory
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * dtype_size(self.dtype)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return ST_DTYPES[self.dtype]
+
+
+def read_safetensors_header(path: Path) -> tuple[dict[str, Any], int]:
+    """Parse and check one safetensors header without reading tensor data.
+
+    Returns (header without __metadata__, header length). Truncation is caught here: the last data
+    offset must end exactly at the end of the file.
+    """
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes, no header)")
+            (n,) = struct.unpack("<Q", head)
+            if n > MAX_HEADER_BYTES or 8 + n > size:
+                raise CheckpointError(
+                    f"{path}: corrupt or truncated safetensors header (header says {n} bytes, file has {size})"
+                )
+            raw = f.read(n)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: file not found") from None
+    try:
+        header = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path}: corrupt safetensors header ({exc})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
+    header.pop("__metadata__", None)
+    data_len = size - 8 - n
+    end = 0
+    for name, entry in header.items():
+        try:
+            dtype, shape, (begin, stop) = entry["dtype"], entry["shape"], entry["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{path}: corrupt header entry for tensor {name!r}") from None
+        if dtype not in ST_DTYPES:
+            raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {dtype!r}")
+        numel = 1
+        for d in shape:
+            numel *= d
+        if stop - begin != numel * dtype_size(dtype) or begin < 0:
+            raise CheckpointError(f"{path}: tensor {name!r} has data offsets that do not match its shape")
+        end = max(end, stop)
+    if end != data_len:
+        raise CheckpointError(
+            f"{path}: truncated or corrupt safetensors file (tensors need {end} data bytes, file has {data_len})"
+        )
+    return header, n
+
+
+class Checkpoint:
+    """A model directory, opened from headers; tensors are read lazily, one at a time."""
+
+    def __init__(self, path: str | os.PathLike[str], *, allow_pickle: bool = False, label: str | None = None):
+        self.path = Path(path)
+        self.label = label or str(path)
+        if not self.path.is_dir():
+            raise CheckpointError(f"{self.path}: checkpoint directory not found")
+        self.config: dict[str, Any] = self._read_config()
+        self._handles: dict[str, Any] = {}
+        self._pickled: dict[str, dict[str, torch.Tensor]] = {}
+        self.format, self.tensors = self._scan(allow_pickle)
+        if not self.tensors:
+            raise CheckpointError(f"{self.path}: no tensors found")
+
+    def __repr__(self) -> str:
+        return f"Checkpoint({str(self.path)!r}, {len(self.tensors)} tensors)"
+
+    # ----------------------------------------------------------------- discovery
+    def _read_config(self) -> dict[str, Any]:
+        cfg = self.path / "config.json"
+        if not cfg.exists():
+            return {}
+        try:
+            return json.loads(cfg.read_text())
+        except json.JSONDecodeError as exc:
+            raise CheckpointError(f"{cfg}: not valid JSON ({exc})") from None
+
+    def _scan(self, allow_pickle: bool) -> tuple[str, dict[str, TensorInfo]]:
+        index = self.path / SAFETENSORS_INDEX
+        if index.exists():
+            return "safetensors", self._scan_index(index)
+        single = self.path / SAFETENSORS_SINGLE
+        if single.exists():
+            return "safetensors", self._scan_files([SAFETENSORS_SINGLE])
+        loose = sorted(p.name for p in self.path.glob("*.safetensors"))
+        if loose:
+            return "safetensors", self._scan_files(loose)
+        pickles = sorted(p.name for p in self.path.iterdir() if p.suffix in PICKLE_SUFFIXES)
+        if pickles:
+            if not allow_pickle:
+                raise CheckpointError(
+                    f"{self.path}: only pickle weights found ({', '.join(pickles)}); pickle can run code when "
+                    "loaded, so it is refused. Convert to safetensors, or set allow_pickle (loads with "
+                    "torch.load(weights_only=True))."
+                )
+            return "pickle", self._scan_pickles(pickles)
+        raise CheckpointError(f"{self.path}: no model weights (*.safetensors) found")
+
+    def _scan_index(self, index: Path) -> dict[str, TensorInfo]:
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise CheckpointError(f"{index}: corrupt index ({exc!r})") from None
+        files = sorted(set(weight_map.values()))
+        missing = [f for f in files if not (self.path / f).exists()]
+        if missing:
+            raise CheckpointError(f"{index}: points to missing shard(s): {', '.join(missing)}")
+        tensors = self._scan_files(files)
+        listed, found = set(weight_map), set(tensors)
+        problems = [
+            f"index lists {n!r} in {weight_map[n]} but that shard does not hold it"
+            for n in sorted(listed - found)
+        ]
+        problems += [
+            f"shard {tensors[n].file} holds {n!r} that the index does not list"
+            for n in sorted(found - listed)
+        ]
+        problems += [
+            f"index puts {n!r} in {weight_map[n]} but it is in {tensors[n].file}"
+            for n in sorted(listed & found)
+            if weight_map[n] != tensors[n].file
+        ]
+        if problems:
+            raise CheckpointError(f"{index}: inconsistent with its shards: " + "; ".join(problems[:10]))
+        return tensors
+
+    def _scan_files(self, files: Iterable[str]) -> dict[str, TensorInfo]:
+        tensors: dict[str, TensorInfo] = {}
+        for fname in files:
+            header, _ = read_safetensors_header(self.path / fname)
+            for name, entry in header.items():
+                if name in tensors:
+                    raise CheckpointError(
+                        f"{self.path}: tensor {name!r} is in both {tensors[name].file} and {fname}"
+                    )
+                tensors[name] = TensorInfo(name, tuple(entry["shape"]), entry["dtype"], fname)
+        return tensors
+
+    def _scan_pickles(self, files: list[str]) -> dict[str, TensorInfo]:
+        tensors: dict[str, TensorInfo] = {}
+        for fname in files:
+            try:
+                state = torch.load(self.path / fname, map_location="cpu", weights_only=True, mmap=True)
+            except Exception as exc:  # torch raises many types for corrupt or unsafe pickles
+                raise CheckpointError(
+                    f"{self.path / fname}: cannot load with weights_only=True ({exc})"
+                ) from None
+            if not isinstance(state, Mapping):
+                raise CheckpointError(f"{self.path / fname}: not a state dict")
+            self._pickled[fname] = dict(state)
+            for name, t in state.items():
+                if not isinstance(t, torch.Tensor) or t.dtype not in TORCH_TO_ST:
+                    continue
+                tensors[name] = TensorInfo(name, tuple(t.shape), TORCH_TO_ST[t.dtype], fname)
+        return tensors
+
+    # ----------------------------------------------------------------- reading
+    def get(self, name: str) -> torch.Tensor:
+        """Read one tensor (CPU). safetensors files are memory-mapped, so only its pages are touched."""
+        try:
+            info = self.tensors[name]
+        except KeyError:
+            raise CheckpointError(f"{self.path}: has no tensor {name!r}") from None
+        if self.format == "pickle":
+            return self._pickled[info.file][name]
+        handle = self._handles.get(info.file)
+        if handle is None:
+            from safetensors import safe_open
+
+            handle = safe_open(str(self.path / info.file), framework="pt", device="cpu")
+            self._handles[info.file] = handle
+        return handle.get_tensor(name)
+
+    def close(self) -> None:
+        self._handles.clear()
+        self._pickled.clear()
+
+    def __enter__(self) -> Checkpoint:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ----------------------------------------------------------------- facts
+    @property
+    def architectures(self) -> list[str]:
+        return list(self.config.get("architectures") or [])
+
+    @property
+    def model_type(self) -> str | None:
+        return self.config.get("model_type")
+
+    @property
+    def tie_word_embeddings(self) -> bool:
+        cfg = self.config.get("text_config", self.config)
+        return bool(cfg.get("tie_word_embeddings", False))
+
+    @property
+    def vocab_size(self) -> int | None:
+        cfg = self.config.get("text_config", self.config)
+        return cfg.get("vocab_size")
+
+    @property
+    def weight_files(self) -> list[Path]:
+        return [self.path / f for f in sorted({t.file for t in self.tensors.values()})]
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors.values())
+
+    def has_chat_template(self) -> bool:
+        if (self.path / "chat_template.jinja").exists() or (self.path / "chat_template.json").exists():
+            return True
+        tok_cfg = self.path / "tokenizer_config.json"
+        if tok_cfg.exists():
+            try:
+                return bool(json.loads(tok_cfg.read_text()).get("chat_template"))
+            except json.JSONDecodeError:
+                return False
+        return False
+
+    def header_fingerprint(self) -> str:
+        """sha256 over the config and every tensor's name, shape, dtype and the weight files' sizes.
+
+        Cheap identity for a local directory (the pipeline records full file sha256s in its manifests).
+        """
+        h = hashlib.sha256()
+        h.update(json.dumps(self.config, sort_keys=True).encode())
+        for name in sorted(self.tensors):
+            t = self.tensors[name]
+            h.update(f"{name}|{t.shape}|{t.dtype}\n".encode())
+        for f in self.weight_files:
+            h.update(f"{f.name}:{f.stat().st_size}\n".encode())
+        return h.hexdigest()
+
+
+# --------------------------------------------------------------------- hub references
+_REVISION_RE = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A model as the user named it: a local directory, or a hub repo id with an optional revision."""
+
+    spec: str
+    local_path: Path | None = None
+    repo_id: str | None = None
+    revision: str | None = None
+
+    @property
+    def is_local(self) -> bool:
+        return self.local_path is not None
+
+
+def parse_model_ref(spec: str, *, base_dir: Path | None = None) -> ModelRef:
+    """'org/name@rev' or 'org/name' -> hub ref; an existing path (absolute, ./relative) -> local.
+
+    A string that looks like both (`org/name` that also exists as a local dir) is local: what is on disk wins,
+    so nothing is fetched that the user already has.
+    """
+    candidate = Path(spec).expanduser()
+    if not candidate.is_absolute() and base_dir is not None:
+        candidate = base_dir / candidate
+    if candidate.exists():
+        return ModelRef(spec=spec, local_path=candidate.resolve())
+    repo, _, rev = spec.partition("@")
+    if spec.startswith(("/", "./", "../", "~")) or not _REVISION_RE.match(repo):
+        raise MergeAlignError(
+            f"model {spec!r}: no such local directory, and not a hub id of the form org/name[@revision]"
+        )
+    return ModelRef(spec=spec, repo_id=repo, revision=rev or None)
+
+
+@dataclass(frozen=True)
+class ResolvedRef:
+    """A hub reference pinned to a commit sha."""
+
+    repo_id: str
+    revision: str | None
+    sha: str
+
+
+def resolve_revision(ref: ModelRef, *, token: str | None = None) -> ResolvedRef:
+    """Resolve a hub ref's revision (branch, tag or sha) to its commit sha, without downloading weights.
+
+    Offline (HF_HUB_OFFLINE=1) the local HF cache answers; otherwise the hub API. Errors say what to do.
+    """
+    if ref.repo_id is None:
+        raise MergeAlignError(f"model {ref.spec!r} is a local directory; only hub ids have revisions")
+    from huggingface_hub import HfApi, constants
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        OfflineModeIsEnabled,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    revision = ref.revision or "main"
+    if constants.HF_HUB_OFFLINE:
+        sha = _cached_sha(ref.repo_id, revision)
+        if sha is None:
+            raise MergeAlignError(
+                f"model {ref.spec!r}: offline (HF_HUB_OFFLINE=1) and not in the local HF cache "
+                f"({constants.HF_HUB_CACHE}). Download it on a connected machine, or name a local directory."
+            )
+        return ResolvedRef(ref.repo_id, ref.revision, sha)
+    token = token or os.environ.get("HF_TOKEN")
+    try:
+        info = HfApi().model_info(ref.repo_id, revision=revision, token=token)
+    except RevisionNotFoundError:
+        raise MergeAlignError(f"model {ref.spec!r}: revision {revision!r} does not exist") from None
+    except GatedRepoError:
+        raise MergeAlignError(
+            f"model {ref.spec!r}: gated repository; accept its licence on the hub and set HF_TOKEN"
+        ) from None
+    except RepositoryNotFoundError:
+        raise MergeAlignError(
+            f"model {ref.spec!r}: repository not found (or private: set HF_TOKEN)"
+        ) from None
+    except (OfflineModeIsEnabled, HfHubHTTPError, OSError) as exc:
+        sha = _cached_sha(ref.repo_id, revision)
+        if sha is not None:
+            log.warning(
+                "hub unreachable (%s); using cached revision %s of %s", type(exc).__name__, sha, ref.repo_id
+            )
+            return ResolvedRef(ref.repo_id, ref.revision, sha)
+        raise MergeAlignError(
+            f"model {ref.spec!r}: cannot reach the hub and no local copy is cached ({type(exc).__name__}). "
+            "To run offline, name a local directory, or fill the HF cache and set HF_HUB_OFFLINE=1."
+        ) from None
+    return ResolvedRef(ref.repo_id, ref.revision, info.sha)
+
+
+def _cached_sha(repo_id: str, revision: str) -> str | None:
+    from huggingface_hub import constants
+
+    if re.fullmatch(r"[0-9a-f]{40}", revision):
+        snap = Path(constants.HF_HUB_CACHE) / f"models--{repo_id.replace('/', '--')}" / "snapshots" / revision
+        return revision if snap.is_dir() else None
+    ref_file = Path(constants.HF_HUB_CACHE) / f"models--{repo_id.replace('/', '--')}" / "refs" / revision
+    return ref_file.read_text().strip() if ref_file.exists() else None

@@ -1,0 +1,1 @@
+"""Prefect tasks: thin wrappers over mergealign/ with cache keys, retries and artifacts."""
