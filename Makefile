@@ -1,12 +1,14 @@
 # mergealign: `make demo` sets up and runs the main job; `make test` sets up and runs every test.
 SHELL := /bin/bash
+# pipefail: a failing pip fails the target even though its output goes through the filter below.
+.SHELLFLAGS := -o pipefail -c
 PYTHON ?= python3.11
 VENV := .venv
 VLLM_VENV := .venv-vllm
 PY := $(VENV)/bin/python
 PIP_QUIET := --quiet --disable-pip-version-check
 # pip prints one harmless "Location ... is ignored" line per find-links entry; keep logs readable.
-PIP_FILTER := 2>&1 | grep -v "is ignored" || true
+PIP_FILTER := 2>&1 | { grep -v "is ignored" || true; }
 
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DO_NOT_TRACK := 1
@@ -41,7 +43,9 @@ $(VLLM_VENV)/.installed:
 	$(VLLM_VENV)/bin/python -c "import vllm"
 	touch $@
 
-test: setup setup-vllm
+test:
+	# The two environments install side by side: downloads and unpacking overlap.
+	$(MAKE) --no-print-directory -j2 setup setup-vllm
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/pytest
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import mmap
 import os
 import re
 import struct
@@ -20,7 +21,7 @@ from typing import Any
 
 import torch
 
-from mergealign.errors import CheckpointError, MergeAlignError
+from mergealign.errors import CheckpointError, HubUnreachableError, MergeAlignError
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +98,7 @@ class TensorInfo:
     shape: tuple[int, ...]
     dtype: str  # safetensors code, e.g. "BF16"
     file: str  # file name inside the checkpoint directory
+    offset: int = -1  # absolute byte offset of the data in `file` (safetensors); -1 if unknown (pickle)
 
     @property
     def numel(self) -> int:
@@ -173,6 +175,7 @@ class Checkpoint:
             raise CheckpointError(f"{self.path}: checkpoint directory not found")
         self.config: dict[str, Any] = self._read_config()
         self._handles: dict[str, Any] = {}
+        self._maps: dict[str, mmap.mmap] = {}
         self._pickled: dict[str, dict[str, torch.Tensor]] = {}
         self.format, self.tensors = self._scan(allow_pickle)
         if not self.tensors:
@@ -243,13 +246,14 @@ class Checkpoint:
     def _scan_files(self, files: Iterable[str]) -> dict[str, TensorInfo]:
         tensors: dict[str, TensorInfo] = {}
         for fname in files:
-            header, _ = read_safetensors_header(self.path / fname)
+            header, n = read_safetensors_header(self.path / fname)
             for name, entry in header.items():
                 if name in tensors:
                     raise CheckpointError(
                         f"{self.path}: tensor {name!r} is in both {tensors[name].file} and {fname}"
                     )
-                tensors[name] = TensorInfo(name, tuple(entry["shape"]), entry["dtype"], fname)
+                offset = 8 + n + entry["data_offsets"][0]
+                tensors[name] = TensorInfo(name, tuple(entry["shape"]), entry["dtype"], fname, offset)
         return tensors
 
     def _scan_pickles(self, files: list[str]) -> dict[str, TensorInfo]:
@@ -287,8 +291,69 @@ class Checkpoint:
             self._handles[info.file] = handle
         return handle.get_tensor(name)
 
+    def content_fingerprint(self, sample_bytes: int = 4096) -> str:
+        """sha256 over header_fingerprint() and the first and last `sample_bytes` of every tensor's data.
+
+        Cheap (a few KB per tensor) yet content-sensitive: two fine-tunes of one base share every header
+        (same header_fingerprint) but not their bytes. Used for config hashes and task-vector bases.
+        """
+        h = hashlib.sha256(self.header_fingerprint().encode())
+        for name in sorted(self.tensors):
+            info = self.tensors[name]
+            if self.format != "safetensors" or info.offset < 0:
+                h.update(self.get(name).contiguous().view(-1)[: sample_bytes].numpy().tobytes())
+                continue
+            mm = self._map(info.file)
+            end = info.offset + info.nbytes
+            h.update(mm[info.offset : min(end, info.offset + sample_bytes)])
+            h.update(mm[max(info.offset, end - sample_bytes) : end])
+        return h.hexdigest()
+
+    def view(self, name: str) -> torch.Tensor:
+        """Zero-copy, copy-on-write view of one tensor in its memory-mapped file (CPU, stored dtype).
+
+        Pages are file-backed (reclaimable), not anonymous memory, and are read only when touched, so a
+        caller can convert a huge tensor chunk by chunk with flat memory. Do not write to it: writes would
+        allocate private pages (the file is never changed). Falls back to get() for pickles and for data
+        that is not aligned to its element size.
+        """
+        try:
+            info = self.tensors[name]
+        except KeyError:
+            raise CheckpointError(f"{self.path}: has no tensor {name!r}") from None
+        size = dtype_size(info.dtype)
+        if self.format != "safetensors" or info.offset < 0 or info.offset % size or info.numel == 0:
+            return self.get(name)
+        mm = self._map(info.file)
+        flat = torch.frombuffer(mm, dtype=info.torch_dtype, count=info.numel, offset=info.offset)
+        return flat.view(info.shape)
+
+    def prefetch(self, name: str) -> None:
+        """Ask the kernel to start reading a tensor's pages in the background (madvise WILLNEED)."""
+        info = self.tensors.get(name)
+        if info is None or self.format != "safetensors" or info.offset < 0 or not info.nbytes:
+            return
+        mm = self._map(info.file)
+        page = mmap.PAGESIZE
+        start = info.offset - info.offset % page
+        try:
+            mm.madvise(mmap.MADV_WILLNEED, start, info.offset + info.nbytes - start)
+        except (AttributeError, OSError, ValueError):  # advisory only
+            pass
+
+    def _map(self, fname: str) -> mmap.mmap:
+        mm = self._maps.get(fname)
+        if mm is None:
+            with open(self.path / fname, "rb") as f:
+                # ACCESS_COPY: a private mapping that torch.frombuffer accepts as writable; never written.
+                mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+            self._maps[fname] = mm
+        return mm
+
     def close(self) -> None:
         self._handles.clear()
+        # Views may still reference a map; dropping our references lets it close when they are gone.
+        self._maps.clear()
         self._pickled.clear()
 
     def __enter__(self) -> Checkpoint:
@@ -441,7 +506,7 @@ def resolve_revision(ref: ModelRef, *, token: str | None = None) -> ResolvedRef:
                 "hub unreachable (%s); using cached revision %s of %s", type(exc).__name__, sha, ref.repo_id
             )
             return ResolvedRef(ref.repo_id, ref.revision, sha)
-        raise MergeAlignError(
+        raise HubUnreachableError(
             f"model {ref.spec!r}: cannot reach the hub and no local copy is cached ({type(exc).__name__}). "
             "To run offline, name a local directory, or fill the HF cache and set HF_HUB_OFFLINE=1."
         ) from None

@@ -30,3 +30,8 @@ class ConfigError(MergeAlignError):
         where = f" in {source}" if source else ""
         lines = "\n".join(f"  - {p}" for p in self.problems)
         super().__init__(f"invalid config{where} ({len(self.problems)} problem(s)):\n{lines}")
+
+
+class HubUnreachableError(MergeAlignError):
+    """The hub could not be reached (network, timeout, HTTP 5xx) and no local copy helps: worth a retry,
+    unlike a missing repo or revision."""
