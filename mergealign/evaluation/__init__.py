@@ -1,0 +1,1 @@
+"""Safety metrics over judged generations, and domain benchmarks through lm-eval (imported lazily)."""
