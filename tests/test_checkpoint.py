@@ -67,11 +67,12 @@ def test_pickle_weights_are_refused_unless_allowed(tmp_path):
     d = tmp_path / "pickled"
     d.mkdir()
     (d / "config.json").write_text(json.dumps({"architectures": ["X"]}))
-    torch.save({"w": torch.ones(2, 3)}, d / "pytorch_model.bin")
+    torch.save({"w": torch.ones(2, 3), "h": torch.ones(4, dtype=torch.bfloat16)}, d / "pytorch_model.bin")
     with pytest.raises(CheckpointError, match="pickle can run code"):
         Checkpoint(d)
     ckpt = Checkpoint(d, allow_pickle=True)
     assert ckpt.tensors["w"].shape == (2, 3) and torch.equal(ckpt.view("w"), torch.ones(2, 3))
+    assert len(ckpt.content_fingerprint()) == 64
 
 
 def test_model_refs_and_dtypes(trio):

@@ -511,7 +511,9 @@ def test_file_sources_and_input_hashes(llama, tmp_path):
     assert "marker" not in json.loads((default / "config.json").read_text())  # default: the alignment model
     assert json.loads((default / "tokenizer_config.json").read_text()).get("model_max_length") != 77
     hashes = {str(marked): "sha256:" + "ab" * 32}
-    out = run_merge({**cfg, "tokenizer_source": "base"}, tmp_path / "tok", progress=False, input_hashes=hashes).out_dir
+    out = run_merge(
+        {**cfg, "tokenizer_source": "base"}, tmp_path / "tok", progress=False, input_hashes=hashes
+    ).out_dir
     assert json.loads((out / "tokenizer_config.json").read_text())["model_max_length"] == 77
     assert "marker" not in json.loads((out / "config.json").read_text())
     assert "sha256:" + "ab" * 32 in (out / "README.md").read_text()

@@ -142,3 +142,24 @@ def test_foreign_directory_is_not_overwritten(llama, tmp_path):
     run_merge(config(llama), out, progress=False, overwrite=True)
     assert (out / "notes.txt").read_text() == "mine"  # --overwrite removes model files only
     assert output_is_finished(out)
+
+
+def test_two_writers_cannot_share_an_out(llama, tmp_path):
+    """While one process holds OUT (a real flock from another process), a second merge into it is refused."""
+    out = tmp_path / "out"
+    out.mkdir()
+    code = (
+        "import fcntl, os, sys, time\n"
+        f"fd = os.open({str(out / '.mergealign-lock')!r}, os.O_CREAT | os.O_RDWR)\n"
+        "fcntl.flock(fd, fcntl.LOCK_EX)\nprint('locked', flush=True)\ntime.sleep(60)\n"
+    )
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(MergeAlignError, match="being written by another process"):
+            run_merge(config(llama), out, progress=False)
+    finally:
+        holder.kill()
+        holder.wait()
+    summary = run_merge(config(llama), out, progress=False)  # the lock died with its holder
+    assert summary.n_tensors == summary.n_tensors_total and output_is_finished(out)
