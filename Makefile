@@ -49,8 +49,10 @@ test:
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/pytest
 
+# The main job: the whole study (merge, generate, judge, domain eval, similarity, report) on a tiny trio,
+# offline. The SmolLM2 demo (`mergealign demo`, configs/demo.yaml) replaces it once its zoo is tuned.
 demo: setup
-	$(VENV)/bin/mergealign demo
+	$(VENV)/bin/mergealign run configs/smoke.yaml
 
 bench: setup
 	$(PY) benchmarks/merge_vs_mergekit.py

@@ -349,6 +349,13 @@ class OutputDir:
                 "use --overwrite or another directory"
             )
         self._lock()
+        try:
+            return self._prepare_locked(shards)
+        except BaseException:
+            self.close()
+            raise
+
+    def _prepare_locked(self, shards: Sequence[ShardPlan]) -> ResumeState:
         progress = self._read_progress()
         if progress is not None and progress.get("config_hash") != self.config_hash:
             if not self.overwrite:
