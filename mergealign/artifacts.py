@@ -31,6 +31,7 @@ import fsspec
 from pydantic import BaseModel, ConfigDict, Field
 
 from mergealign.errors import MergeAlignError
+from mergealign.writer import fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -357,7 +358,7 @@ class ArtifactStore:
                 _remove_tree(final)
             final.parent.mkdir(parents=True, exist_ok=True)
             os.replace(staging, final)
-            _fsync_dir(final.parent)
+            fsync_dir(final.parent)
             for entry in files:  # rename keeps mtimes, but read them from the final place to be sure
                 entry.mtime_ns = os.stat(final / entry.path).st_mtime_ns
             location = str(final)
@@ -500,25 +501,12 @@ def _atomic_write_text(path: Path, text: str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
     """Write a small text file atomically (temp name in the same dir, fsync, rename)."""
     _atomic_write_text(Path(path), text)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _remove_tree(path: Path) -> None:

@@ -163,7 +163,8 @@ def _is_disk_full(exc: BaseException) -> bool:
     return isinstance(exc, OSError) and exc.errno in _DISK_FULL
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """fsync a directory so a rename inside it survives a crash (best effort: some filesystems refuse)."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
@@ -519,7 +520,7 @@ class OutputDir:
                 shard.sync_and_close()
                 if not keep_temp_name:
                     os.replace(shard.tmp, shard.path)
-                    _fsync_dir(self.path)
+                    fsync_dir(self.path)
             except BaseException:
                 shard.abort()
                 raise
@@ -570,7 +571,7 @@ class OutputDir:
             tmp = self.path / (only.file + TMP_SUFFIX)
             if self._single is not None and tmp.exists():  # written in this run
                 os.replace(tmp, self.path / only.file)
-                _fsync_dir(self.path)
+                fsync_dir(self.path)
                 self.state.finished[only.file] = self._single
         else:
             weight_map = {t.name: s.file for s in shards for t in s.tensors}
