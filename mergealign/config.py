@@ -872,7 +872,7 @@ def _demo_zoo_checks(zoo: DemoZoo) -> list[str]:
         return [f"zoo_demo: the demo zoo cannot be imported ({exc}); install the [demo] extra"]
     functions = {"knowledge": demo.build_knowledge_data, "prompts": demo.build_safety_prompts,
                  "aligned_data": demo.build_aligned_data}  # fmt: skip
-    train_fields = set(demo.TrainConfig.__dataclass_fields__) - {"seed"}
+    train_fields = (set(demo.TrainConfig.__dataclass_fields__) - {"seed"}) | {"threads"}
     problems = []
     for step, options in zoo.steps.items():
         if step in functions:

@@ -7,8 +7,9 @@ them to float32 on the compute device, hands them to the method (mergealign.meth
 output dtype and queues its bytes for the shard being written (mergealign.writer: a writer thread appends,
 hashes and flushes them while the next block is merged). Element-wise methods get the tensor in row blocks of
 256K elements in reused buffers, so memory stays flat whatever the tensor size; methods that need a whole
-tensor (TIES top-k, SLERP's angle, DARE's L1 rescale, breadcrumbs) get it whole: their peak is a few float32
-copies of the largest tensor. On CPU torch runs one intra-op thread (see devices.compute_threads).
+tensor (TIES top-k, SLERP's angle, DARE's L1 rescale, breadcrumbs) get it whole: one float32 copy per input
+model of the largest tensor, the base staying a view of its file (methods on task vectors add it back chunk by
+chunk) and TIES / DARE-TIES writing their result over the first task vector. On CPU torch runs one intra-op thread (see devices.compute_threads).
 
 Inputs are checked before anything is read or written (mergealign.preflight). NaN / Inf in an input tensor
 is an error naming the tensor and the model (nan_policy: warn logs it and goes on).
@@ -444,6 +445,17 @@ class TensorReader:
 
 
 # --------------------------------------------------------------------------- engine
+def _sub_in_chunks(x: torch.Tensor, base: torch.Tensor, chunk: int) -> torch.Tensor:
+    """x -= base in place, in chunks: with a base in another dtype, one whole-tensor call would first make a
+    float32 copy of it."""
+    if base.dtype == x.dtype:
+        return x.sub_(base)
+    xf, bf = x.reshape(-1), base.reshape(-1)
+    for i in range(0, xf.numel(), chunk):
+        xf[i : i + chunk].sub_(bf[i : i + chunk])
+    return x
+
+
 class _NonFinite:
     """NaN / Inf detection on float32 blocks: one cheap sum, and an exact count only when it is not finite."""
 
@@ -452,7 +464,7 @@ class _NonFinite:
         self.warned: set[tuple[str, str]] = set()
 
     def check(self, name: str, label: str, x: torch.Tensor) -> None:
-        if x.numel() == 0 or math.isfinite(float(x.sum())):
+        if x.numel() == 0 or math.isfinite(float(x.sum(dtype=torch.float32))):
             return
         finite = torch.isfinite(x)
         if bool(finite.all()):  # the sum overflowed; the values are fine
@@ -498,7 +510,7 @@ class _Engine:
             r.close()
 
     # ------------------------------------------------------------------ per tensor
-    def context(self, name: str, observe_pass: int = 0) -> Any:
+    def context(self, name: str, observe_pass: int = 0, inputs_disposable: bool = False) -> Any:
         from mergealign.methods import TensorContext
 
         n = self.plan.n_layers
@@ -508,6 +520,7 @@ class _Engine:
             globals=resolve_params(self.global_settings, name, n),
             seed=self.cfg.seed,
             observe_pass=observe_pass,
+            inputs_disposable=inputs_disposable,
         )
 
     def _load(self, inp: MergeInput, name: str, rows: slice | None, cast: bool) -> torch.Tensor:
@@ -531,6 +544,26 @@ class _Engine:
             x = x.to(self.device, non_blocking=False)
         return x
 
+    def _stored_base(self, name: str) -> torch.Tensor | None:
+        """The whole base tensor as a read-only view of its file in the stored dtype, or None where the float32
+        copy is needed. Methods that need a whole tensor and work on task vectors use the base only to add it
+        back, chunk by chunk; a float32 copy of it (the 32000x2048 embedding: 262 MB) would be one more whole
+        tensor in anonymous memory for nothing (the mapped pages are page cache, reclaimable)."""
+        base = self.plan.base
+        assert base is not None
+        info = base.checkpoint.tensors[name]
+        if (
+            self.elementwise
+            or not self.method.uses_deltas
+            or self.observers
+            or base.checkpoint.format != "safetensors"
+            or self.plan.cast_dtype not in (None, info.torch_dtype)
+        ):
+            return None
+        view = base.checkpoint.view(name)
+        self.bytes_read += info.nbytes
+        return view if self.device.type == "cpu" else view.to(self.device)
+
     def inputs(
         self, name: str, rows: slice | None
     ) -> tuple[torch.Tensor | None, list[torch.Tensor], dict[str, torch.Tensor]]:
@@ -542,7 +575,9 @@ class _Engine:
         base = None
         if self.need_base:
             assert plan.base is not None
-            base = self._load(plan.base, name, rows, cast=True)
+            base = self._stored_base(name) if rows is None else None
+            if base is None:
+                base = self._load(plan.base, name, rows, cast=True)
             self.nonfinite.check(name, plan.base.label, base)
         deltas = self.method.uses_deltas
         tensors: list[torch.Tensor] = []
@@ -558,7 +593,7 @@ class _Engine:
             elif deltas:  # x is θ; the method wants τ (in place unless an observer needs θ)
                 assert base is not None
                 theta = x
-                tau = x - base if self.observers else x.sub_(base)
+                tau = x - base if self.observers else _sub_in_chunks(x, base, self.chunk_elements)
             else:
                 tau, theta = None, x
             tensors.append(tau if deltas else theta)  # type: ignore[arg-type]
@@ -571,10 +606,12 @@ class _Engine:
         self, name: str, rows: slice | None, observe_pass: int | None = None
     ) -> torch.Tensor | None:
         base, tensors, thetas = self.inputs(name, rows)
-        ctx = self.context(name, observe_pass or 0)
         if observe_pass is not None:
-            self.method.observe(ctx, base, tensors)
+            self.method.observe(self.context(name, observe_pass), base, tensors)
             return None
+        # Whole tensors read for this call alone (not the reused staging blocks of element-wise methods), and
+        # no observer that will look at them afterwards: the method may write its result over them.
+        ctx = self.context(name, inputs_disposable=not self.elementwise and not self.observers)
         merged = self.method.merge(ctx, base, tensors)
         for obs in self.observers:
             obs.observe(name, base, thetas, merged)

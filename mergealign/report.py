@@ -386,8 +386,19 @@ def plot_tradeoff(models: Sequence[ModelResult], path: Path) -> Path | None:
         if sel:
             ax.scatter([x for _, x, _ in sel], [y for _, _, y in sel], s=48, color=KIND_COLORS[kind], label=kind,
                        zorder=3, edgecolor="black", linewidth=0.5)
+    # One label per distinct point (merges that coincide, e.g. linear and SLERP of near-parallel vectors, share
+    # it), without the expert prefix every merge name starts with, and on the left side near the right edge.
+    groups: dict[tuple[float, float], list[str]] = {}
     for m, x, y in pts:
-        ax.annotate(m.name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        groups.setdefault((round(x, 6), round(y, 6)), []).append(m.name)
+    names = [m.name for m, _, _ in pts if m.kind in ("merge", "variant")]
+    prefix = os.path.commonprefix(names).rpartition("-")[0] + "-" if len(names) > 1 else ""
+    x_lo, x_hi = min(x for _, x, _ in pts), max(x for _, x, _ in pts)
+    for (x, y), members in groups.items():
+        label = ", ".join(n[len(prefix) :] if prefix and n.startswith(prefix) else n for n in members)
+        right = x_hi > x_lo and (x - x_lo) / (x_hi - x_lo) > 0.6
+        ax.annotate(label, (x, y), textcoords="offset points", xytext=(-4 if right else 4, 4), fontsize=7,
+                    ha="right" if right else "left")  # fmt: skip
     front = pareto_front([(x, y) for _, x, y in pts])
     if len(front) >= 1:
         xs = [p[0] for p in front]

@@ -144,3 +144,21 @@ def test_relative_model_paths_resolve_against_the_config_directory(qwen, tmp_pat
     (tmp_path / "rel.yaml").write_text(yaml.safe_dump(cfg))
     result = runner.invoke(app, ["merge", str(tmp_path / "rel.yaml"), str(tmp_path / "out"), "--no-progress"])
     assert result.exit_code == 0, result.output
+
+
+def test_core_commands_do_not_import_prefect_and_help_lists_every_command():
+    # `mergealign merge` must start fast: prefect (seconds to import) is loaded only for the flow commands.
+    probe = (
+        "import sys; from flows.cli import build_app; "
+        "names = lambda a: {c.name or c.callback.__name__ for c in a.registered_commands}; "
+        "core = build_app(['merge', 'x.yaml', 'out']); assert 'prefect' not in sys.modules, 'prefect imported'; "
+        "full = build_app(['--help']); assert 'prefect' in sys.modules; "
+        "print(sorted(names(core)), sorted(names(full)))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr
+    core, full = done.stdout.split("] [")
+    assert "'merge'" in core and "'run'" not in core
+    assert "'run'" in full and "'demo'" in full and "'merge'" in full

@@ -453,6 +453,30 @@ def test_inputs_are_not_modified(name):
     )
 
 
+@pytest.mark.parametrize("name", ["ties", "dare_ties"])
+@pytest.mark.parametrize(
+    "opts", [{}, {"weights_in_election": "after", "zero_sign": "majority"}, {"rescale": True}]
+)
+def test_result_over_disposable_inputs_and_a_stored_dtype_base_is_bit_identical(name, opts):
+    # What the engine does for whole-tensor methods: the base stays in its file's dtype (bf16 here) and the
+    # result is written over the first task vector. Several chunks, so a chunk written early must not be read.
+    base, _, taus = make_inputs((300, 41))
+    base16 = base.to(torch.bfloat16)
+    models = [
+        {"weight": 0.7, "density": 0.5},
+        {"weight": 0.4, "density": 0.3},
+        {"weight": 1.0, "density": 0.8},
+    ]
+    method = get_method(name)
+    expected = method.merge(ctx(models, opts), base16.float(), taus)
+    disposable = [t.clone() for t in taus]
+    c = TensorContext(name="model.layers.0.mlp.up_proj.weight", model=models, globals=opts,
+                      inputs_disposable=True)  # fmt: skip
+    out = method.merge(c, base16, disposable)
+    assert out.data_ptr() == disposable[0].data_ptr()  # no new whole-tensor buffer
+    assert torch.equal(out, expected)
+
+
 # --------------------------------------------------------------------------- validation
 def test_validate_names_the_field():
     ma = get_method("mergealign")

@@ -171,7 +171,8 @@ def _chat(pairs: list[tuple[str, str]]) -> dict[str, Any]:
 
 def expert_training_records(kb: list[Compound], seed: int = 0, qa_per_conversation: int = 4) -> list[dict]:
     """Training records for the expert: chat conversations of several QA pairs (training phrasings only),
-    'tell me about' answers in prose, and plain prose documents. Deterministic given the seed."""
+    'tell me about' answers in prose, plain prose documents, and the same QA pairs as plain-text FAQ documents
+    (kind faq: question-answer pairs taught as domain text, not as chat turns). Deterministic given the seed."""
     rng = random.Random(f"expert-train-{seed}")
     qa: list[tuple[str, str]] = []
     for compound in kb:
@@ -182,7 +183,9 @@ def expert_training_records(kb: list[Compound], seed: int = 0, qa_per_conversati
     rng.shuffle(qa)
     records: list[dict[str, Any]] = []
     for i in range(0, len(qa), qa_per_conversation):
-        records.append({"kind": "qa", **_chat(qa[i : i + qa_per_conversation])})
+        pairs = qa[i : i + qa_per_conversation]
+        records.append({"kind": "qa", **_chat(pairs)})
+        records.append({"kind": "faq", "text": "\n".join(f"Q: {q}\nA: {a}" for q, a in pairs)})
     for compound in kb:
         values = compound.fields()
         prose = [t.format(**values) for t in TRAIN_PROSE_TEMPLATES]
@@ -248,7 +251,7 @@ def build_knowledge_data(
         items = heldout_mc_items(kb, seed, mc_per_fact)
         write_jsonl(tmp / "expert_train.jsonl", records)
         write_jsonl(tmp / "mc_heldout.jsonl", items)
-        kinds = {k: sum(r["kind"] == k for r in records) for k in ("qa", "about", "prose")}
+        kinds = {k: sum(r["kind"] == k for r in records) for k in ("qa", "faq", "about", "prose")}
         return {
             "compounds": len(kb),
             "facts": len(kb) * len(ATTRIBUTES),

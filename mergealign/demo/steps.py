@@ -31,7 +31,7 @@ STEP_MANIFEST = "zoo_step.json"
 ZOO_CODE_VERSION = "demo-zoo-v1"
 STEP_VERSIONS = {
     "convert_smollm2": 1,
-    "knowledge_data": 2,
+    "knowledge_data": 3,
     "safety_prompts": 1,
     "aligned_data": 1,
     "train_aligned": 1,

@@ -9,7 +9,11 @@ Contract of ``merge`` / ``observe``:
 - ``tensors`` holds one tensor per input model other than the base, in config order; ``ctx.model[i]`` holds the
   parameters of ``tensors[i]``. If ``uses_deltas`` is True they are task vectors τ_i = θ_i − θ_0, else full
   weights θ_i.
-- Inputs are never modified; the result is a new float32 tensor (θ, base already added) of the input shape.
+- Inputs are never modified, unless ``ctx.inputs_disposable``: then the engine will not read ``tensors`` again
+  and the result may be written into the storage of ``tensors[0]`` (one whole-tensor copy less). The result is
+  a float32 tensor (θ, base already added) of the input shape.
+- A method with ``uses_deltas`` may get ``base`` in the checkpoint's stored dtype (a read-only memory-mapped
+  view): it must only read it, and only in chunks (the kernels add it back chunk by chunk, cast on the fly).
 - ``elementwise`` methods give the same result when the engine splits a tensor into row blocks and calls
   ``merge`` once per block with the same ctx; all others need the whole tensor in one call.
 """
@@ -133,6 +137,7 @@ class TensorContext:
     ``model[i]``: resolved scalar parameters of input model i (same order as ``tensors``; string-valued ones such
     as mergealign's ``role`` pass through). ``globals``: resolved global parameters. Missing names take the
     method's defaults. ``observe_pass``: index of the observe pass when calling ``observe``.
+    ``inputs_disposable``: the caller will not read ``tensors`` after ``merge`` (see the module's contract).
     """
 
     name: str
@@ -140,6 +145,7 @@ class TensorContext:
     globals: Mapping[str, Any] = field(default_factory=dict)
     seed: int = 0
     observe_pass: int = 0
+    inputs_disposable: bool = False
 
     def generator(self, device: torch.device | str = "cpu", stream: int = 0) -> torch.Generator:
         """A torch.Generator on ``device`` seeded from (seed, tensor name, stream); ``stream`` separates the

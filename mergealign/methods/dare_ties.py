@@ -46,4 +46,5 @@ class DareTiesMethod(DareDefaults, ConsensusMethodBase):
         mode = rescale_mode(ctx.globals)
         kept = [dare_kept(ctx, i, t, float(self.m(ctx, i, "density")), mode) for i, t in enumerate(tensors)]
         weights = [float(self.m(ctx, i, "weight")) for i in range(len(tensors))]
-        return ties_consensus(base, kept, weights, self.consensus_options(ctx.globals))
+        out = tensors[0] if ctx.inputs_disposable else None
+        return ties_consensus(base, kept, weights, self.consensus_options(ctx.globals), out=out)

@@ -207,7 +207,11 @@ def _votes(
 
 
 def ties_consensus(
-    base: Tensor, kept: Sequence[Kept], weights: Sequence[float], opts: ConsensusOptions
+    base: Tensor,
+    kept: Sequence[Kept],
+    weights: Sequence[float],
+    opts: ConsensusOptions,
+    out: Tensor | None = None,
 ) -> Tensor:
     """θ_0 + λ·(disjoint merge of the kept task vectors over the elected sign), chunk by chunk.
 
@@ -215,11 +219,16 @@ def ties_consensus(
     after:  e_t = τ̂_t; γ = sgn(Σ e_t); A = {t: sgn(e_t) = γ}; mean = Σ_A w_t·e_t / max(|A|, 1), sum = Σ_A w_t·e_t.
     γ of an exact-zero sum: +1 ("positive") or the sign of Σγ over the tensor ("majority"; 0 → nothing agrees).
     Float ops only: with γ = ±1, e·𝟙[sgn(e) = γ] = γ·relu(γ·e) and 𝟙[sgn(e) = γ] = sgn(relu(γ·e)).
+    ``out``: a contiguous float32 tensor of base's shape for the result; it may be the storage of a kept task
+    vector, because each chunk of the output is written only after every input chunk at that place was read.
     """
     before = opts.weights_in_election == "before"
     vote_w = list(weights) if before else [1.0] * len(kept)
     mean = opts.merge_func == "mean"
-    out = torch.empty(base.shape, dtype=torch.float32, device=base.device)
+    if out is None:
+        out = torch.empty(base.shape, dtype=torch.float32, device=base.device)
+    elif out.shape != base.shape or out.dtype != torch.float32 or not out.is_contiguous():
+        raise ValueError(f"out: need a contiguous float32 tensor of shape {tuple(base.shape)}")
     out_flat, base_flat = _flat(out), _flat(base)
     slices = chunk_slices(out_flat.numel())
 

@@ -221,4 +221,5 @@ class TiesMethod(ConsensusMethodBase):
             for k in kept:
                 k.l1_rescale()
         weights = [float(self.m(ctx, i, "weight")) for i in range(len(tensors))]
-        return ties_consensus(base, kept, weights, self.consensus_options(ctx.globals))
+        out = tensors[0] if ctx.inputs_disposable else None
+        return ties_consensus(base, kept, weights, self.consensus_options(ctx.globals), out=out)

@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from flows.cli import app
-from flows.demo import findings, mergealign_demo
+from flows.demo import findings, mergealign_demo, share_cores
 from flows.zoo import STEP_DIRS, ZooPaths, demo_zoo_flow
 from mergealign.config import check_inputs, load_config, parse_config
 from mergealign.errors import ConfigError
@@ -121,6 +121,17 @@ def test_cli_registers_demo_and_zoo_demo_and_rejects_a_config_without_a_zoo(tmp_
     result = runner.invoke(app, ["demo", "--config", str(path)])
     assert isinstance(result.exception, ConfigError)
     assert "zoo_demo" in str(result.exception) and result.exception.exit_code == 2
+
+
+def test_share_cores_gives_each_parallel_step_its_share_unless_the_user_chose(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("MKL_NUM_THREADS", raising=False)
+    cores = os.cpu_count() or 1
+    assert share_cores(cores) == 1 and os.environ["OMP_NUM_THREADS"] == os.environ["MKL_NUM_THREADS"] == "1"
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    assert share_cores(1) == cores
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert share_cores(cores) == 3  # the user's setting wins
 
 
 # --------------------------------------------------------------------------- findings
