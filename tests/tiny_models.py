@@ -23,6 +23,9 @@ from pathlib import Path
 
 import torch
 
+from mergealign import zoo_tiny
+from mergealign.zoo_tiny import CHAT_TEMPLATE
+
 __all__ = [
     "Trio",
     "make_trio",
@@ -34,14 +37,7 @@ __all__ = [
     "CHAT_TEMPLATE",
 ]
 
-VOCAB_SIZE = 320
-SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
-)
+# The tests' tokenizer corpus (the smoke zoo's has two more sentences; tests keep theirs).
 _CORPUS = [
     "The patient presented with a mild fever and a persistent cough.",
     "Take two tablets with water after each meal, unless told otherwise.",
@@ -62,53 +58,8 @@ class Trio:
 
 
 def make_tokenizer(path: str | Path):
-    """Train a small byte-level BPE tokenizer (VOCAB_SIZE entries), save it to `path` and return it."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=VOCAB_SIZE,
-        special_tokens=SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(_CORPUS, trainer=trainer)
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token="<|endoftext|>",
-        eos_token="<|im_end|>",
-        pad_token="<|endoftext|>",
-        unk_token="<|endoftext|>",
-    )
-    fast.chat_template = CHAT_TEMPLATE
-    fast.save_pretrained(str(path))
-    return fast
-
-
-def _config(arch: str, tokenizer, vocab_size: int | None):
-    from transformers import LlamaConfig, Qwen2Config
-
-    common = dict(
-        vocab_size=vocab_size or len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=32,
-        max_position_embeddings=256,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    if arch == "llama":
-        return LlamaConfig(tie_word_embeddings=False, **common)
-    if arch == "qwen2":
-        return Qwen2Config(tie_word_embeddings=True, **common)
-    raise ValueError(f"arch must be 'llama' or 'qwen2', not {arch!r}")
+    """Train the tests' byte-level BPE tokenizer (320 entries), save it to `path` and return it."""
+    return zoo_tiny.build_tokenizer(path, _CORPUS)
 
 
 def make_model(
@@ -122,31 +73,16 @@ def make_model(
     max_shard_size: int | str | None = None,
     vocab_size: int | None = None,
 ) -> Path:
-    """Build one model directory at `path`.
+    """Build one model directory at `path` (mergealign.zoo_tiny's builder with the tests' settings).
 
     Without `from_model`: random init from `seed`. With it: that model's weights + N(0, noise²) from `seed`.
     `vocab_size` overrides the embedding rows (a mismatching vocabulary for bad-input tests).
     """
-    from transformers import AutoModelForCausalLM
-
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    tokenizer = make_tokenizer(path)
-    config = _config(arch, tokenizer, vocab_size)
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config).to(dtype)
-    if from_model is not None:
-        source = load_state_dict(from_model)
-        gen = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            for name, p in sorted(model.state_dict(keep_vars=True).items()):
-                if name not in source:  # lm_head of a tied model: shares the embedding parameter
-                    continue
-                base = source[name].float()
-                p.copy_((base + noise * torch.randn(base.shape, generator=gen)).to(dtype))
-    kwargs = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
-    model.save_pretrained(str(path), **kwargs)
-    return path
+    return zoo_tiny.build_model(
+        path, arch=arch, dtype=str(dtype).removeprefix("torch."), seed=seed, from_model=from_model, noise=noise,
+        vocab_size=vocab_size, max_shard_size=max_shard_size, corpus=_CORPUS, max_positions=256,
+        max_new_tokens=None,
+    )  # fmt: skip
 
 
 def make_trio(
