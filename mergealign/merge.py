@@ -9,7 +9,8 @@ hashes and flushes them while the next block is merged). Element-wise methods ge
 256K elements in reused buffers, so memory stays flat whatever the tensor size; methods that need a whole
 tensor (TIES top-k, SLERP's angle, DARE's L1 rescale, breadcrumbs) get it whole: one float32 copy per input
 model of the largest tensor, the base staying a view of its file (methods on task vectors add it back chunk by
-chunk) and TIES / DARE-TIES writing their result over the first task vector. On CPU torch runs one intra-op thread (see devices.compute_threads).
+chunk) and TIES / DARE-TIES writing their result over the first task vector. On CPU torch runs one intra-op
+thread (see devices.compute_threads).
 
 Inputs are checked before anything is read or written (mergealign.preflight). NaN / Inf in an input tensor
 is an error naming the tensor and the model (nan_policy: warn logs it and goes on).

@@ -326,10 +326,10 @@ def _train_step(
 # Tuned on SmolLM2-135M, seed 0 (held-out prompts and paraphrased questions; see the README's demo table).
 # The expert learns its domain as the paper's experts do, by continued pre-training on domain prose. How it
 # learns decides whether the alignment vector survives a merge (measured, seed 0, aligned model 100 % refusals):
-#   expert trained on                          its held-out score   refusals after MergeAlign sum / interp 0.5
-#   prose, 16 epochs (these defaults)                 75 %                     81 % / 72 %
-#   prose + the Q&A pairs as FAQ text, 8 epochs       99 %                     25 % / 38 %
-#   chat Q&A + "tell me about" chats + prose, 4       91 %                     25 % / 25 %
+#   expert trained on                                   held-out score   refusals, MergeAlign sum / interp 0.5
+#   prose, 16 epochs (these defaults)                            75 %              81 % / 72 %
+#   prose + the Q&A pairs as FAQ text, 8 epochs                  99 %              25 % / 38 %
+#   chat Q&A + "tell me about" chats + prose, 4 epochs           91 %              25 % / 25 %
 # Taught question-answer pairs, it learns to answer whatever it is asked, and its vector overrides refusals.
 ALIGNED_DEFAULTS = TrainConfig(epochs=2.0, lr=2e-3, lora_rank=16, lora_alpha=32, layers=None, seed=0)
 EXPERT_DEFAULTS = TrainConfig(
