@@ -68,8 +68,7 @@ def __getattr__(name: str) -> typer.Typer:
     global _full_app
     if name == "app":
         if _full_app is None:
-            _full_app = _new_app()
-            _register(_full_app, _CORE_MODULES + _FLOW_MODULES)
+            _full_app = build_app()
         return _full_app
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 

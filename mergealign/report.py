@@ -392,7 +392,8 @@ def plot_tradeoff(models: Sequence[ModelResult], path: Path) -> Path | None:
     for m, x, y in pts:
         groups.setdefault((round(x, 6), round(y, 6)), []).append(m.name)
     names = [m.name for m, _, _ in pts if m.kind in ("merge", "variant")]
-    prefix = os.path.commonprefix(names).rpartition("-")[0] + "-" if len(names) > 1 else ""
+    head = os.path.commonprefix(names).rpartition("-")[0] if len(names) > 1 else ""
+    prefix = f"{head}-" if head else ""
     x_lo, x_hi = min(x for _, x, _ in pts), max(x for _, x, _ in pts)
     labels = []
     for (x, y), members in groups.items():
