@@ -47,6 +47,7 @@ test:
 	# The two environments install side by side: downloads and unpacking overlap.
 	$(MAKE) --no-print-directory -j2 setup setup-vllm
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports
 	$(VENV)/bin/pytest
 
 # The main job, offline: build the SmolLM2 trio once (base, aligned, expert: ~10 min on 2 cores), run the study
@@ -60,6 +61,7 @@ bench: setup
 lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/lint-imports
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) .cache

@@ -37,7 +37,9 @@ def _engine_bench():
     """The engine benchmark's module (its trio builder, shape and page-cache warm-up)."""
     if "merge_vs_mergekit" in sys.modules:
         return sys.modules["merge_vs_mergekit"]
-    spec = importlib.util.spec_from_file_location("merge_vs_mergekit", ROOT / "benchmarks" / "merge_vs_mergekit.py")
+    spec = importlib.util.spec_from_file_location(
+        "merge_vs_mergekit", ROOT / "benchmarks" / "merge_vs_mergekit.py"
+    )
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     sys.modules["merge_vs_mergekit"] = module  # dataclasses look their module up while it executes
@@ -109,8 +111,17 @@ def child(kind: str, trio: dict[str, str]) -> dict:
 
 
 def run_child(kind: str, trio: dict[str, Path]) -> dict:
-    cmd = [sys.executable, __file__, "--child", kind, "--trio", json.dumps({k: str(v) for k, v in trio.items()})]
-    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    cmd = [
+        sys.executable,
+        __file__,
+        "--child",
+        kind,
+        "--trio",
+        json.dumps({k: str(v) for k, v in trio.items()}),
+    ]
+    out = subprocess.run(
+        cmd, capture_output=True, text=True, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"}
+    )
     if out.returncode != 0:
         raise SystemExit(f"{kind} child failed:\n{out.stdout[-2000:]}\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -128,8 +139,11 @@ def measure(trio: dict[str, Path], repeats: int, label: str) -> dict:
         for kind in ("read", "similarity") if i % 2 == 0 else ("similarity", "read"):
             r = run_child(kind, trio)
             runs[kind].append(r)
-            print(f"  {label} {kind:10s} wall {r['wall_s']:6.2f} s  cpu {r['cpu_s']:6.2f} s  "
-                  f"peak RssAnon +{mib(r['peak_anon'] - r['base_anon'])}", flush=True)
+            print(
+                f"  {label} {kind:10s} wall {r['wall_s']:6.2f} s  cpu {r['cpu_s']:6.2f} s  "
+                f"peak RssAnon +{mib(r['peak_anon'] - r['base_anon'])}",
+                flush=True,
+            )
     med = {k: {m: statistics.median(r[m] for r in v) for m in ("wall_s", "cpu_s")} for k, v in runs.items()}
     peak = {k: max(r["peak_anon"] - r["base_anon"] for r in v) for k, v in runs.items()}
     return {"median": med, "peak_above_baseline": peak, "tensors": runs["read"][0]["tensors"]}
@@ -138,7 +152,9 @@ def measure(trio: dict[str, Path], repeats: int, label: str) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--2x", dest="twice", action="store_true", help="also the 44-layer trio (memory flatness)")
+    ap.add_argument(
+        "--2x", dest="twice", action="store_true", help="also the 44-layer trio (memory flatness)"
+    )
     ap.add_argument("--child", choices=("read", "similarity"))
     ap.add_argument("--trio")
     args = ap.parse_args()
@@ -149,23 +165,34 @@ def main() -> None:
     trio = eng.build_trio(eng.SHAPE["layers"])
     size = sum(f.stat().st_size for p in trio.values() for f in p.glob("*.safetensors"))
     load = os.getloadavg()
-    print(f"machine: {os.cpu_count()} CPUs, load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}; "
-          f"inputs {size / 1e9:.1f} GB (3 × bf16, {eng.SHAPE['layers']} layers)", flush=True)
+    print(
+        f"machine: {os.cpu_count()} CPUs, load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}; "
+        f"inputs {size / 1e9:.1f} GB (3 × bf16, {eng.SHAPE['layers']} layers)",
+        flush=True,
+    )
     res = measure(trio, args.repeats, f"{eng.SHAPE['layers']}l")
     m = res["median"]
-    print(f"\nread:       wall {m['read']['wall_s']:.2f} s, cpu {m['read']['cpu_s']:.2f} s, "
-          f"peak RssAnon +{mib(res['peak_above_baseline']['read'])}")
-    print(f"similarity: wall {m['similarity']['wall_s']:.2f} s, cpu {m['similarity']['cpu_s']:.2f} s, "
-          f"peak RssAnon +{mib(res['peak_above_baseline']['similarity'])}")
+    print(
+        f"\nread:       wall {m['read']['wall_s']:.2f} s, cpu {m['read']['cpu_s']:.2f} s, "
+        f"peak RssAnon +{mib(res['peak_above_baseline']['read'])}"
+    )
+    print(
+        f"similarity: wall {m['similarity']['wall_s']:.2f} s, cpu {m['similarity']['cpu_s']:.2f} s, "
+        f"peak RssAnon +{mib(res['peak_above_baseline']['similarity'])}"
+    )
     ratio = m["similarity"]["wall_s"] / m["read"]["wall_s"]
-    print(f"ratio similarity / read: wall {ratio:.2f}× (target ≤ 1.5×), "
-          f"cpu {m['similarity']['cpu_s'] / m['read']['cpu_s']:.2f}×")
+    print(
+        f"ratio similarity / read: wall {ratio:.2f}× (target ≤ 1.5×), "
+        f"cpu {m['similarity']['cpu_s'] / m['read']['cpu_s']:.2f}×"
+    )
     if args.twice:
         trio2 = eng.build_trio(2 * eng.SHAPE["layers"])
         res2 = measure(trio2, 1, f"{2 * eng.SHAPE['layers']}l")
         p1, p2 = res["peak_above_baseline"]["similarity"], res2["peak_above_baseline"]["similarity"]
-        print(f"memory growth at 2× parameters: similarity peak RssAnon +{mib(p1)} -> +{mib(p2)} "
-              f"({(p2 / p1 - 1) * 100 if p1 else 0:+.0f}%)")
+        print(
+            f"memory growth at 2× parameters: similarity peak RssAnon +{mib(p1)} -> +{mib(p2)} "
+            f"({(p2 / p1 - 1) * 100 if p1 else 0:+.0f}%)"
+        )
 
 
 if __name__ == "__main__":

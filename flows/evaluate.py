@@ -13,42 +13,44 @@ from typing import Any
 from prefect import flow
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows.runner import StudyRun
+from flows.executor import PlanRun
+from mergealign.errors import ConfigError
+from mergealign.study.plan import Step, StudyPlan
 
 STAGES = ("generate", "judge", "domain_eval")
+
+
+def targets(plan: StudyPlan, models: list[str] | None, prompt_sets: list[str] | None, stages: set[str],
+            judges: list[str] | None) -> list[str]:  # fmt: skip
+    """The steps of `plan` an evaluation of these models, prompt sets, stages and judges asks for."""
+
+    def wanted(step: Step, key: str, chosen: list[str] | None) -> bool:
+        return chosen is None or step.info.get(key) in chosen
+
+    ids = []
+    for step in plan.steps:
+        model, prompts = wanted(step, "model", models), wanted(step, "prompt_set", prompt_sets)
+        if step.kind == "generate" and "generate" in stages and model and prompts:
+            ids.append(step.id)
+        elif step.kind == "judge" and "judge" in stages and model and prompts and wanted(step, "judge", judges):
+            ids.append(step.id)
+        elif step.kind == "safety" and "judge" in stages and judges is None and prompt_sets is None and model:
+            ids.append(step.id)
+        elif step.kind == "domain_eval" and "domain_eval" in stages and model:
+            ids.append(step.id)
+    return ids
 
 
 @flow(name="evaluate-flow", task_runner=ThreadPoolTaskRunner(max_workers=2), log_prints=True)
 def evaluate_flow(config: dict[str, Any] | str, models: list[str] | None = None, prompt_sets: list[str] | None = None,
                   stages: list[str] | None = None, judges: list[str] | None = None) -> dict[str, Any]:  # fmt: skip
     """Evaluate the chosen models (default: every model of the study) locally; stages default to all three."""
-    from mergealign.errors import ConfigError
-
-    run = StudyRun.start(config)
-    cfg = run.cfg
+    run = PlanRun.start(config)
     wanted = set(stages or STAGES)
-    problems = [
-        f"stages: unknown stage {s!r} (stages: {', '.join(STAGES)})" for s in wanted if s not in STAGES
-    ]
+    problems = [f"stages: unknown stage {s!r} (stages: {', '.join(STAGES)})" for s in sorted(wanted - set(STAGES))]
+    labels = list(run.plan.models)
+    problems += [f"models: no model {m!r} (models: {', '.join(labels)})" for m in models or [] if m not in labels]
     if problems:
         raise ConfigError(problems)
-    fetched = run.models()
-    needed = None if models is None else [m.removeprefix("merge:") for m in models if m.startswith("merge:")]
-    merges = run.merges(fetched, needed, allow_remote=False)
-    everything = run.all_models(fetched, merges)
-    labels = list(models) if models is not None else [k for k in everything]
-    unknown = [m for m in labels if m not in everything]
-    if unknown:
-        raise ConfigError([f"models: no model {m!r} (models: {', '.join(everything)})" for m in unknown])
-    if cfg.generation.enabled and wanted & {"generate", "judge"}:
-        prompts = run.prompts()
-        if prompt_sets is not None:
-            prompts = {k: v for k, v in prompts.items() if k in prompt_sets}
-        gens = run.generations(everything, prompts, labels, allow_remote=False)
-        if "judge" in wanted:
-            judged = run.judgments(gens, run.judge_models(), judges, allow_remote=False)
-            if judges is None and prompt_sets is None:
-                run.safety(judged)
-    if "domain_eval" in wanted:
-        run.domain(everything, labels, allow_remote=False)
+    run.submit(run.plan.closure(targets(run.plan, models, prompt_sets, wanted, judges)), allow_remote=False)
     return run.finish()

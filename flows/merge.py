@@ -10,23 +10,20 @@ from typing import Any
 from prefect import flow
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows.runner import StudyRun
+from flows.executor import PlanRun
+from mergealign.errors import ConfigError
 
 
 @flow(name="merge-flow", task_runner=ThreadPoolTaskRunner(max_workers=2), log_prints=True)
 def merge_flow(config: dict[str, Any] | str, merges: list[str] | None = None) -> dict[str, Any]:
-    """Merge the config's jobs (ids as `mergealign validate` lists them; all if None), locally."""
-    run = StudyRun.start(config)
-    known = [j.id for j in run.cfg.merge_jobs()]
+    """Merge the config's merges (ids as `mergealign validate` lists them; all if None), locally."""
+    run = PlanRun.start(config)
+    known = [s.name for s in run.plan.of_kind("merge")]
     unknown = sorted(set(merges or []) - set(known))
     if unknown:
-        from mergealign.errors import ConfigError
-
-        raise ConfigError(
-            [f"merges: no merge {u!r} in this config (merges: {', '.join(known)})" for u in unknown]
-        )
-    models = run.models()
-    done = run.merges(models, merges, allow_remote=False)
+        raise ConfigError([f"merges: no merge {u!r} in this config (merges: {', '.join(known)})" for u in unknown])
+    wanted = [f"merge:{m}" for m in (merges if merges is not None else known)]
+    done = run.submit(run.plan.closure(wanted), allow_remote=False)
     summary = run.finish()
-    summary["merged"] = {jid: fut.result().location for jid, fut in done.items()}
+    summary["merged"] = {run.plan[sid].name: done[sid].result().location for sid in wanted}
     return summary

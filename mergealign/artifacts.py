@@ -14,12 +14,10 @@ Prefect tasks use the same key as their cache key.
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import json
 import logging
 import os
 import shutil
-import tempfile
 import time
 import uuid
 from collections.abc import Iterable, Mapping
@@ -31,7 +29,14 @@ import fsspec
 from pydantic import BaseModel, ConfigDict, Field
 
 from mergealign.errors import MergeAlignError
-from mergealign.writer import fsync_dir
+from mergealign.files import (
+    atomic_write_text,
+    canonical_json,
+    fsync_dir,
+    sha256_bytes,
+    sha256_file,
+    sha256_json,
+)
 
 log = logging.getLogger(__name__)
 
@@ -39,38 +44,9 @@ MANIFEST_NAME = "manifest.json"
 STAGING_DIR = ".staging"
 SCHEMA_VERSION = 1
 VerifyLevel = Literal["full", "quick", "none"]
-_CHUNK = 8 << 20
 
 
-# --------------------------------------------------------------------------- hashing
-def canonical_json(obj: Any) -> bytes:
-    """Stable JSON bytes: sorted keys, no whitespace; pydantic models and paths become plain values."""
-
-    def default(o: Any) -> Any:
-        if isinstance(o, BaseModel):
-            return o.model_dump(mode="json")
-        if isinstance(o, (Path, os.PathLike)):
-            return os.fspath(o)
-        if isinstance(o, (set, frozenset)):
-            return sorted(o)
-        raise TypeError(f"cannot hash a value of type {type(o).__name__} into an artifact key")
-
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=default, allow_nan=False).encode()
-
-
-def sha256_bytes(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def sha256_file(path: str | os.PathLike[str], *, fs: fsspec.AbstractFileSystem | None = None) -> str:
-    h = hashlib.sha256()
-    opener = fs.open if fs is not None else open
-    with opener(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
-
-
+# --------------------------------------------------------------------------- keys
 def step_key(
     step: str,
     *,
@@ -91,7 +67,7 @@ def step_key(
         "params": params,
         "code_version": code_version,
     }
-    return sha256_bytes(canonical_json(payload))
+    return sha256_json(payload)
 
 
 def library_versions(
@@ -164,7 +140,7 @@ def content_hash(step: str, key: str, files: Iterable[FileEntry]) -> str:
     """Identity of what a step produced: its files' paths, sizes and sha256s (timings excluded), so a
     recomputed, byte-identical output gives downstream steps the same key."""
     listing = sorted((f.path, f.size, f.sha256) for f in files)
-    return sha256_bytes(canonical_json({"step": step, "key": key, "files": listing}))
+    return sha256_json({"step": step, "key": key, "files": listing})
 
 
 # --------------------------------------------------------------------------- store
@@ -325,7 +301,7 @@ class ArtifactStore:
                 raise MergeAlignError(
                     f"{self.url(manifest.step, manifest.key)}/{entry.path}: sha256 mismatch on download"
                 )
-        _atomic_write_text(tmp / MANIFEST_NAME, manifest.model_dump_json())
+        atomic_write_text(tmp / MANIFEST_NAME, manifest.model_dump_json())
         os.replace(tmp, target)
         return target
 
@@ -473,7 +449,7 @@ class ArtifactStore:
         if self.is_local:
             d = Path(self._root, manifest.step, manifest.key)
             d.mkdir(parents=True, exist_ok=True)
-            _atomic_write_text(d / MANIFEST_NAME, text)
+            atomic_write_text(d / MANIFEST_NAME, text)
         else:
             self.fs.pipe_file(self.manifest_path(manifest.step, manifest.key), text.encode())
 
@@ -488,25 +464,6 @@ def _hash_tree(root: Path) -> list[FileEntry]:
         st = p.stat()
         entries.append(FileEntry(path=rel, size=st.st_size, sha256=sha256_file(p), mtime_ns=st.st_mtime_ns))
     return entries
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
-
-
-def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
-    """Write a small text file atomically (temp name in the same dir, fsync, rename)."""
-    _atomic_write_text(Path(path), text)
 
 
 def _remove_tree(path: Path) -> None:

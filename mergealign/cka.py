@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from itertools import combinations
@@ -29,6 +28,7 @@ import torch
 from torch import Tensor
 
 from mergealign.errors import MergeAlignError
+from mergealign.files import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,9 @@ POOLS = ("tokens", "mean", "last")
 def linear_cka(x: Tensor, y: Tensor) -> float:
     """Linear CKA of two feature matrices with the same rows (inputs)."""
     if x.dim() != 2 or y.dim() != 2 or x.shape[0] != y.shape[0]:
-        raise MergeAlignError(f"linear_cka: need (n × p) and (n × q) matrices, got {tuple(x.shape)} and {tuple(y.shape)}")
+        raise MergeAlignError(
+            f"linear_cka: need (n × p) and (n × q) matrices, got {tuple(x.shape)} and {tuple(y.shape)}"
+        )
     x = x.double() - x.double().mean(0, keepdim=True)
     y = y.double() - y.double().mean(0, keepdim=True)
     n = x.shape[0]
@@ -65,7 +67,9 @@ def read_prompts(path: str | os.PathLike[str], field: str = "prompt") -> list[st
             row = json.loads(line)
             text = row.get(field, row.get("text"))
             if not isinstance(text, str):
-                raise MergeAlignError(f"{p}, line {i}: no {field!r} (or 'text') string field; fields: {sorted(row)}")
+                raise MergeAlignError(
+                    f"{p}, line {i}: no {field!r} (or 'text') string field; fields: {sorted(row)}"
+                )
             out.append(text)
     else:
         out = [line for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
@@ -104,7 +108,9 @@ def hidden_features(
         if per_layer is None:
             per_layer = [[] for _ in states]
         for i, h in enumerate(states):
-            per_layer[i].append(h if pool == "tokens" else (h.mean(0, keepdim=True) if pool == "mean" else h[-1:]))
+            per_layer[i].append(
+                h if pool == "tokens" else (h.mean(0, keepdim=True) if pool == "mean" else h[-1:])
+            )
     del model
     assert per_layer is not None
     return [torch.cat(chunks) for chunks in per_layer]
@@ -133,19 +139,8 @@ class CKAResult:
         return {(p["a"], p["b"]): p["cka"][layer] for p in self.pairs}
 
     def write(self, path: str | os.PathLike[str]) -> Path:
-        p = Path(path)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(self.as_dict(), f, indent=1)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, p)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return p
+        """The result as JSON, written atomically."""
+        return atomic_write_text(path, json.dumps(self.as_dict(), indent=1))
 
 
 def compute_cka(
@@ -175,7 +170,12 @@ def compute_cka(
         feats[lab] = hidden_features(models[lab], ids, pool=pool, device=device)
     n_layers = {len(f) for f in feats.values()}
     if len(n_layers) != 1:
-        raise MergeAlignError(f"cka: models have different numbers of layers: { {k: len(v) for k, v in feats.items()} }")
-    out = [{"a": a, "b": b, "cka": [linear_cka(x, y) for x, y in zip(feats[a], feats[b], strict=True)]} for a, b in pairs]
+        raise MergeAlignError(
+            f"cka: models have different numbers of layers: { {k: len(v) for k, v in feats.items()} }"
+        )
+    out = [
+        {"a": a, "b": b, "cka": [linear_cka(x, y) for x, y in zip(feats[a], feats[b], strict=True)]}
+        for a, b in pairs
+    ]
     rows = feats[labels[0]][0].shape[0]
     return CKAResult(labels, n_layers.pop(), out, len(texts), rows, pool)

@@ -36,8 +36,11 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from mergealign.errors import ConfigError, MergeAlignError
-from mergealign.similarity import MODULE_GROUPS, MODULE_TYPES, layer_index, module_type
+from mergealign.methods.study import Coefficients
+from mergealign.tensor_names import MODULE_GROUPS, MODULE_TYPES, count_layers, module_key, module_type
 
+# The analysis decomposes MergeAlign merges (θ_0 + λ_D·τ_D + λ_A·τ_A): the user-facing default method.
+METHOD = "mergealign"
 VECTORS = {"align": "alignment", "alignment": "alignment", "domain": "domain"}
 LAYER_PARTS = ("first_half", "second_half")
 DEFAULT_SCOPES = (
@@ -51,7 +54,6 @@ DEFAULT_SCOPES = (
     "domain@second_half",
 )
 _LAYERS_RE = re.compile(r"^layers:(\d+)-(\d+)$")
-_LAYER_PREFIX = re.compile(r"^(.*?(?:^|\.)(?:layers|layer|h|blocks|block)\.\d+\.)")
 
 
 def module_parts() -> dict[str, tuple[str, ...]]:
@@ -71,6 +73,12 @@ class Scope:
     part: str
     exclude: bool = False
     layers: tuple[int, int] | None = None  # resolved layer range of a layer part
+
+    @property
+    def text(self) -> str:
+        """The scope as written (`parse_scope(scope.text) == scope`)."""
+        short = "align" if self.vector == "alignment" else "domain"
+        return f"{short}@{'~' if self.exclude else ''}{self.part}"
 
     @property
     def token(self) -> str:
@@ -112,15 +120,6 @@ def layer_range(part: str, n_layers: int) -> tuple[int, int]:
     if first > last or last >= n_layers:
         raise ConfigError([f"scope part {part!r}: needs 0 <= A <= B < {n_layers} (the model's layers)"])
     return (first, last)
-
-
-def module_key(name: str) -> str:
-    """The tensor's module path without its block prefix and its weight/bias leaf:
-    ``model.layers.3.self_attn.q_proj.weight`` -> ``.self_attn.q_proj.``; ``lm_head.weight`` -> ``lm_head.``."""
-    m = _LAYER_PREFIX.match(name)
-    rest = name[m.end() :] if m else name
-    stem = rest.rsplit(".", 1)[0] if "." in rest else rest
-    return f".{stem}." if m else f"{stem}."
 
 
 def module_filters(part: str, tensor_names: Iterable[str]) -> list[str]:
@@ -169,19 +168,19 @@ class Variant:
         }
 
 
-def merge_label(lambda_domain: float, lambda_alignment: float) -> str:
-    """Stable name of a MergeAlign merge from its two coefficients."""
+def merge_label(lambda_domain: float, lambda_alignment: float, method: str = METHOD) -> str:
+    """Stable name of a merge from its two coefficients."""
     if lambda_domain == 1.0 and lambda_alignment == 1.0:
-        return "mergealign-sum"
+        return f"{method}-sum"
     if abs(lambda_domain + lambda_alignment - 1.0) < 1e-12:
-        return f"mergealign-interp-{lambda_domain:g}"
-    return f"mergealign-ld{lambda_domain:g}-la{lambda_alignment:g}"
+        return f"{method}-interp-{lambda_domain:g}"
+    return f"{method}-ld{lambda_domain:g}-la{lambda_alignment:g}"
 
 
 def _check_base(config: Mapping[str, Any]) -> dict[str, Any]:
     problems = []
-    if config.get("merge_method") != "mergealign":
-        problems.append(f"merge_method: contribution variants need a mergealign merge, got {config.get('merge_method')!r}")
+    if config.get("merge_method") != METHOD:
+        problems.append(f"merge_method: contribution variants need a {METHOD} merge, got {config.get('merge_method')!r}")
     roles = [m.get("role") for m in config.get("models", [])]
     for role in ("domain", "alignment"):
         if roles.count(role) != 1:
@@ -196,10 +195,10 @@ def _check_base(config: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def lambdas_of(config: Mapping[str, Any]) -> tuple[float, float]:
-    """(λ_D, λ_A) of a mergealign merge config (the engine's preset rules)."""
-    from mergealign.methods.mergealign import resolve_lambdas
+    """(λ_D, λ_A) of a merge config, read back by its method's own study mapping."""
+    from mergealign.methods import get_method
 
-    return resolve_lambdas(config.get("parameters") or {})
+    return get_method(config["merge_method"]).study.read(config).vector_weights()
 
 
 def model_facts(config: Mapping[str, Any]) -> tuple[list[str], int]:
@@ -213,10 +212,7 @@ def model_facts(config: Mapping[str, Any]) -> tuple[list[str], int]:
     names = list(ck.tensors)
     cfg = ck.config.get("text_config", ck.config)
     n_layers = cfg.get("num_hidden_layers")
-    if n_layers is None:
-        idx = [i for i in (layer_index(n) for n in names) if i is not None]
-        n_layers = max(idx) + 1 if idx else 0
-    return names, int(n_layers)
+    return names, int(n_layers if n_layers is not None else count_layers(names))
 
 
 def base_variant(config: Mapping[str, Any]) -> Variant:
@@ -324,7 +320,7 @@ def load_base_spec(path: str | os.PathLike[str], *, n_layers: int | None = None)
     """A base merge config from YAML (validated by the engine's schema), as a plain dict."""
     import yaml
 
-    from mergealign.merge_config import load_merge_config
+    from mergealign.merge.config import load_merge_config
 
     p = Path(path)
     load_merge_config(p)  # schema errors with field paths
@@ -392,6 +388,59 @@ class ContributionEntry(BaseModel):
         for v in out:
             seen.setdefault(v.name, v)
         return list(seen.values())
+
+    def planned(self) -> list[PlannedVariant]:
+        """The variants of this entry, without reading any model: what a study plan holds. Same names and order
+        as `variants`; module filters and layer ranges are resolved when each variant is merged."""
+        sweep = [PlannedVariant.of(Coefficients(lam=float(x), preset="interp")) for x in self.sweep]
+        if self.preset == "sum":
+            bases = [Coefficients(preset="sum")]
+        else:
+            bases = [Coefficients(lam=float(x), preset="interp") for x in self.lambdas]
+        scoped = [PlannedVariant.of(c, parse_scope(s)) for c in bases for s in self.scopes]
+        seen: dict[str, PlannedVariant] = {}
+        for v in sweep + scoped:
+            seen.setdefault(v.name, v)
+        return list(seen.values())
+
+
+@dataclass(frozen=True)
+class PlannedVariant:
+    """A variant as a study plan holds it: its coefficients and scope, before any model is read."""
+
+    name: str
+    coefficients: Coefficients
+    scope: Scope | None = None
+
+    @classmethod
+    def of(cls, c: Coefficients, scope: Scope | None = None) -> PlannedVariant:
+        lam_d, lam_a = c.vector_weights()
+        base = merge_label(lam_d, lam_a)
+        return cls(f"{base}+{scope.token}" if scope else base, c, scope)
+
+    def describe(self) -> dict[str, Any]:
+        """Variant.describe() as far as it is known without the model (a layer part's blocks come later)."""
+        lam_d, lam_a = self.coefficients.vector_weights()
+        sc = self.scope
+        if sc is None:
+            kind, base, desc = "lambda", None, f"λ sweep (interp): {_lambda_text(lam_d, lam_a)}"
+        else:
+            sym, other = ("τ_A", "τ_D") if sc.vector == "alignment" else ("τ_D", "τ_A")
+            layer_part = sc.part in LAYER_PARTS or bool(_LAYERS_RE.match(sc.part))
+            where = f"{sc.part} blocks" if layer_part else f"{sc.part} modules"
+            kind, base = "scope", merge_label(lam_d, lam_a)
+            desc = f"{sym} {'everywhere but' if sc.exclude else 'only in'} {where}, {other} everywhere; {_lambda_text(lam_d, lam_a)}"
+        return Variant(self.name, {}, kind, lam_d, lam_a, base, sc, desc).describe()
+
+    def apply(self, config: Mapping[str, Any], *, tensor_names: Sequence[str] | None = None,
+              n_layers: int | None = None) -> Variant:  # fmt: skip
+        """The variant of a concrete merge config with this variant's coefficients (module filters and layer
+        ranges resolved from the base model, or from the names and layer count given)."""
+        lam_d, lam_a = self.coefficients.vector_weights()
+        if self.scope is None:
+            cfg = _check_base(config)
+            return Variant(self.name, cfg, "lambda", lam_d, lam_a, description=self.describe()["description"])
+        return scope_variant(config, self.scope, tensor_names=tensor_names, n_layers=n_layers)
 
 
 def parse_contributions(entries: Sequence[Mapping[str, Any]]) -> list[ContributionEntry]:

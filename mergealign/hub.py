@@ -1,6 +1,6 @@
 """Hugging Face hub access for the pipeline: pin a revision, fetch metadata first, then the weights.
 
-- `resolve` pins a hub id + revision to a commit sha (mergealign.checkpoint.resolve_revision).
+- `resolve` pins a hub id + revision to a commit sha (mergealign.model_refs.resolve_revision).
 - `fetch_metadata` downloads only config.json, the safetensors index, generation config and tokenizer
   files, and `remote_tensor_infos` reads the safetensors headers through the hub API (HTTP range requests),
   so a preflight can reject models that do not fit together before any weights are downloaded.
@@ -20,32 +20,20 @@ from pathlib import Path
 from typing import Any
 
 from mergealign.checkpoint import (
+    GENERATION_CONFIG,
+    SAFETENSORS_INDEX,
+    TOKENIZER_FILES,
     Checkpoint,
-    ModelRef,
-    ResolvedRef,
     TensorInfo,
-    parse_model_ref,
-    resolve_revision,
 )
 from mergealign.errors import HubUnreachableError, MergeAlignError
+from mergealign.model_refs import ModelRef, ResolvedRef, parse_model_ref, resolve_revision
 
 log = logging.getLogger(__name__)
 
-WEIGHT_PATTERNS = ["*.safetensors", "model.safetensors.index.json"]
-METADATA_PATTERNS = [
-    "config.json",
-    "generation_config.json",
-    "model.safetensors.index.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "tokenizer.model",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "vocab.json",
-    "merges.txt",
-    "chat_template.jinja",
-    "chat_template.json",
-]
+WEIGHT_PATTERNS = ["*.safetensors", SAFETENSORS_INDEX]
+# config, index, generation config and the files that travel with a model (checkpoint.TOKENIZER_FILES)
+METADATA_PATTERNS = ["config.json", GENERATION_CONFIG, SAFETENSORS_INDEX, *TOKENIZER_FILES]
 ALLOW_PATTERNS = sorted({*WEIGHT_PATTERNS, *METADATA_PATTERNS})
 OFFLINE_HELP = (
     "To run offline, point the model at a local directory (`path:` in the run config), or fill the HF cache "
@@ -104,7 +92,7 @@ def is_transient(exc: BaseException) -> bool:
     return False
 
 
-# The hub could not be reached and no local copy helps: retryable (raised by checkpoint.resolve_revision too).
+# The hub could not be reached and no local copy helps: retryable (raised by model_refs.resolve_revision too).
 HubUnreachable = HubUnreachableError
 
 

@@ -23,22 +23,13 @@ import torch
 
 from mergealign.checkpoint import FLOAT_CODES, TORCH_TO_ST, Checkpoint, dtype_size
 from mergealign.errors import PreflightError
-from mergealign.writer import OutTensor
+from mergealign.shards import OutTensor
+from mergealign.tensor_names import TIED_HEADS, is_vocab_tensor
 
 log = logging.getLogger(__name__)
 
 MAX_LISTED = 25  # per kind of problem; the rest are counted, so a wholesale mismatch stays readable
 VOCAB_POLICIES = ("error", "merge_shared")
-_VOCAB_NAME_PARTS = (
-    "embed_tokens",
-    "lm_head",
-    "wte",
-    "embed_in",
-    "embed_out",
-    "word_embeddings",
-    "output.weight",
-)
-_TIED_HEADS = ("lm_head.weight",)
 
 
 @dataclass(frozen=True)
@@ -70,10 +61,6 @@ class PreflightResult:
     dropped: list[str] = field(default_factory=list)  # tensors left out on purpose (tied lm_head)
     estimate_bytes: int = 0  # bytes still to write (tensors not in finished shards + other files)
     free_bytes: int | None = None
-
-
-def _is_vocab_tensor(name: str) -> bool:
-    return any(part in name for part in _VOCAB_NAME_PARTS)
 
 
 def _free_bytes(out_dir: Path) -> int | None:
@@ -151,7 +138,7 @@ def preflight(
     names = {i.label: set(i.checkpoint.tensors) for i in inputs}
     dropped: list[str] = []
     if all_tied:
-        for head in _TIED_HEADS:
+        for head in TIED_HEADS:
             having = [lbl for lbl, n in names.items() if head in n]
             if having and len(having) < len(inputs):
                 dropped.append(head)
@@ -196,7 +183,7 @@ def preflight(
         shapes = {lbl: t.shape for lbl, t in infos.items()}
         if len(set(shapes.values())) > 1:
             rest = {s[1:] for s in shapes.values()}
-            rows_only = len(rest) == 1 and all(len(s) >= 1 for s in shapes.values()) and _is_vocab_tensor(n)
+            rows_only = len(rest) == 1 and all(len(s) >= 1 for s in shapes.values()) and is_vocab_tensor(n)
             if rows_only and vocab_policy == "merge_shared":
                 rows = {lbl: s[0] for lbl, s in shapes.items()}
                 vocab_rows[n] = VocabRows(min(rows.values()), rows[vocab_source], vocab_source)  # type: ignore[index]

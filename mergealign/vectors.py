@@ -17,7 +17,6 @@ With float32 vectors a merge from persisted vectors equals the merge computed on
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -31,18 +30,19 @@ import torch
 
 import mergealign
 from mergealign.checkpoint import FLOAT_CODES, ST_DTYPES, Checkpoint, dtype_from_name
-from mergealign.devices import compute_threads, default_chunk_elements, resolve_device
-from mergealign.merge import VECTOR_META, PeakRssAnon, TensorReader, _NonFinite, locate
-from mergealign.preflight import Input, preflight
-from mergealign.writer import (
-    DEFAULT_SHARD_BYTES,
-    LOCK_FILE,
-    OutputDir,
-    OutTensor,
-    atomic_write_json,
-    parse_size,
-    plan_shards,
+from mergealign.devices import (
+    PeakRssAnon,
+    compute_threads,
+    default_chunk_elements,
+    resolve_device,
+    torch_threads,
 )
+from mergealign.files import atomic_write_json, sha256_text
+from mergealign.merge.inputs import VECTOR_META, locate
+from mergealign.merge.reader import NonFinite, TensorReader
+from mergealign.preflight import Input, preflight
+from mergealign.shards import DEFAULT_SHARD_BYTES, OutTensor, parse_size, plan_shards
+from mergealign.writer import LOCK_FILE, OutputDir
 
 log = logging.getLogger(__name__)
 
@@ -127,19 +127,17 @@ def compute_vector(
     shard_bytes = parse_size(shard_size)
     base_desc = _describe(str(base), base_path, base_commit, b)
     ft_desc = _describe(str(finetuned), ft_path, ft_commit, f)
-    config_hash = hashlib.sha256(
-        json.dumps(
-            {
-                "kind": VECTOR_FORMAT,
-                "version": VECTOR_VERSION,
-                "base": base_desc["fingerprint"],
-                "finetuned": ft_desc["fingerprint"],
-                "dtype": str(store),
-                "shard_bytes": shard_bytes,
-            },
-            sort_keys=True,
-        ).encode()
-    ).hexdigest()
+    identity = {
+        "kind": VECTOR_FORMAT,
+        "version": VECTOR_VERSION,
+        "base": base_desc["fingerprint"],
+        "finetuned": ft_desc["fingerprint"],
+        "dtype": str(store),
+        "shard_bytes": shard_bytes,
+    }
+    config_hash = sha256_text(
+        json.dumps(identity, sort_keys=True)
+    )  # json.dumps' default spacing: kept for resume
     result = preflight(
         [Input("base", b), Input("finetuned", f)], out_dir=out, cast_dtype=torch.float32, out_dtype=store
     )
@@ -154,13 +152,11 @@ def compute_vector(
     shards = plan_shards(tensors, shard_bytes)
     dev = resolve_device(device)
     chunk = default_chunk_elements(dev)
-    nonfinite = _NonFinite(nan_policy)
+    nonfinite = NonFinite(nan_policy)
     stats: dict[str, dict[str, Any]] = {}
     bytes_read = 0
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(compute_threads(dev))
-    with PeakRssAnon() as mem:
+    with torch_threads(compute_threads(dev)), PeakRssAnon() as mem:
         writer = OutputDir(out, config_hash, overwrite=overwrite)
         state = writer.prepare(shards)
         was_complete = state.complete
@@ -216,7 +212,7 @@ def compute_vector(
                             st = _Stats()
                             st.add(f.view(name).float() - b.view(name).float())
                             merged_stats[name] = st.as_dict()
-                    atomic_write_json(out / STATS_FILE, merged_stats)
+                    atomic_write_json(out / STATS_FILE, merged_stats, ensure_ascii=True)
                     codes = {t.dtype for t in tensors}
                     atomic_write_json(
                         out / VECTOR_META,
@@ -231,8 +227,9 @@ def compute_vector(
                             "stats": STATS_FILE,
                             "mergealign_version": mergealign.__version__,
                         },
+                        ensure_ascii=True,
                     )
-                    atomic_write_json(out / "config.json", f.config)
+                    atomic_write_json(out / "config.json", f.config, ensure_ascii=True)
 
                 if state.complete:
                     writer.close()
@@ -242,8 +239,6 @@ def compute_vector(
         except BaseException:
             writer.abort()
             raise
-        finally:
-            torch.set_num_threads(threads)
     b.close()
     f.close()
     written = {s.file for s in todo}

@@ -8,7 +8,7 @@ header length, JSON header with dtype/shape/data_offsets, space padding to 8 byt
 result is read back by the official `safetensors` library in the tests.
 
 Layout and life cycle of an output directory OUT:
-- shards are planned up front by byte budget: one shard -> `model.safetensors` (HF convention: no index);
+- shards are planned up front by byte budget (mergealign.shards): one shard -> `model.safetensors` (HF convention: no index);
   n shards -> `model-0000i-of-0000n.safetensors` + `model.safetensors.index.json`.
 - each shard is written to `<name>.tmp`, fsync'ed, then renamed to its final name; `.mergealign-progress.json`
   (written atomically) records the config hash and every finished shard with its size and sha256.
@@ -24,30 +24,23 @@ Layout and life cycle of an output directory OUT:
 from __future__ import annotations
 
 import concurrent.futures
-import errno
 import hashlib
 import json
 import logging
 import os
-import re
 import shutil
-import struct
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from mergealign.checkpoint import (
-    GENERATION_CONFIG,
-    SAFETENSORS_INDEX,
-    SAFETENSORS_SINGLE,
-    TOKENIZER_FILES,
-    dtype_size,
-)
+from mergealign.checkpoint import GENERATION_CONFIG, SAFETENSORS_INDEX, SAFETENSORS_SINGLE, TOKENIZER_FILES
 from mergealign.errors import MergeAlignError
+from mergealign.files import atomic_write_json, fsync_dir, is_disk_full, sha256_file
+from mergealign.shards import OutTensor, ShardPlan, safetensors_header
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +48,6 @@ PROGRESS_FILE = ".mergealign-progress.json"
 LOCK_FILE = ".mergealign-lock"
 PROGRESS_VERSION = 1
 TMP_SUFFIX = ".tmp"
-DEFAULT_SHARD_BYTES = 2 * 1024**3
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?B?)\s*$", re.IGNORECASE)
 # Files a model directory may hold that OUT --overwrite removes (besides shards and temp files).
 _MODEL_FILES = (
     "config.json",
@@ -66,85 +57,6 @@ _MODEL_FILES = (
     PROGRESS_FILE,
     *TOKENIZER_FILES,
 )
-_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
-
-
-def parse_size(value: int | str) -> int:
-    """Bytes from an int or '500M', '2G', '1.5GB', '64KiB' (K/M/G/T = powers of 1024)."""
-    if isinstance(value, bool):
-        raise ValueError(f"not a size: {value!r}")
-    if isinstance(value, int):
-        if value <= 0:
-            raise ValueError(f"size must be positive, got {value}")
-        return value
-    m = _SIZE_RE.match(str(value))
-    if not m:
-        raise ValueError(f"not a size: {value!r} (use bytes or a K/M/G/T suffix, e.g. 2G)")
-    n = float(m.group(1)) * 1024 ** " KMGT".index(m.group(2).upper() or " ")
-    if n < 1:
-        raise ValueError(f"size must be positive, got {value!r}")
-    return int(n)
-
-
-# --------------------------------------------------------------------------- plan
-@dataclass(frozen=True)
-class OutTensor:
-    name: str
-    shape: tuple[int, ...]
-    dtype: str  # safetensors code, e.g. "BF16"
-
-    @property
-    def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
-
-    @property
-    def nbytes(self) -> int:
-        return self.numel * dtype_size(self.dtype)
-
-
-@dataclass(frozen=True)
-class ShardPlan:
-    file: str
-    tensors: tuple[OutTensor, ...]
-
-    @property
-    def data_bytes(self) -> int:
-        return sum(t.nbytes for t in self.tensors)
-
-
-def plan_shards(tensors: Sequence[OutTensor], max_bytes: int = DEFAULT_SHARD_BYTES) -> list[ShardPlan]:
-    """Split tensors, in order, into shards of at most max_bytes (a larger tensor gets a shard of its own)."""
-    groups: list[list[OutTensor]] = []
-    size = 0
-    for t in tensors:
-        if not groups or (size + t.nbytes > max_bytes and groups[-1]):
-            groups.append([])
-            size = 0
-        groups[-1].append(t)
-        size += t.nbytes
-    n = len(groups)
-    if n == 1:
-        return [ShardPlan(SAFETENSORS_SINGLE, tuple(groups[0]))]
-    return [ShardPlan(f"model-{i + 1:05d}-of-{n:05d}.safetensors", tuple(g)) for i, g in enumerate(groups)]
-
-
-def safetensors_header(tensors: Iterable[OutTensor], metadata: dict[str, str] | None = None) -> bytes:
-    """The bytes before the data: 8-byte length + JSON header padded with spaces to a multiple of 8."""
-    header: dict[str, Any] = {"__metadata__": dict(metadata or {"format": "pt"})}
-    offset = 0
-    for t in tensors:
-        header[t.name] = {
-            "dtype": t.dtype,
-            "shape": list(t.shape),
-            "data_offsets": [offset, offset + t.nbytes],
-        }
-        offset += t.nbytes
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
-    return struct.pack("<Q", len(raw)) + raw
 
 
 def tensor_bytes(t: torch.Tensor) -> memoryview:
@@ -156,57 +68,6 @@ def tensor_bytes(t: torch.Tensor) -> memoryview:
     if t.numel() == 0:
         return memoryview(b"")
     return memoryview(t.view(torch.uint8).numpy()).cast("B")
-
-
-# --------------------------------------------------------------------------- atomic small files
-def _is_disk_full(exc: BaseException) -> bool:
-    return isinstance(exc, OSError) and exc.errno in _DISK_FULL
-
-
-def fsync_dir(path: Path) -> None:
-    """fsync a directory so a rename inside it survives a crash (best effort: some filesystems refuse)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temp name in the same directory, fsync, rename. A crash leaves the old file or the new."""
-    tmp = path.with_name(path.name + TMP_SUFFIX)
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        if _is_disk_full(exc):
-            raise MergeAlignError(f"disk full while writing {path}; the partial file was removed") from None
-        raise
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode())
-
-
-def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
-
-
-def sha256_file(path: Path, chunk: int = 16 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb", buffering=0) as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 # --------------------------------------------------------------------------- shard writer
@@ -553,7 +414,7 @@ class OutputDir:
 
     def _raise_write_error(self, exc: OSError, where: Path) -> None:
         where.unlink(missing_ok=True)
-        if _is_disk_full(exc):
+        if is_disk_full(exc):
             usage = shutil.disk_usage(self.path)
             raise MergeAlignError(
                 f"disk full while writing {where.name} in {self.path} ({usage.free} bytes free); the partial "
@@ -577,7 +438,7 @@ class OutputDir:
             weight_map = {t.name: s.file for s in shards for t in s.tensors}
             total = sum(s.data_bytes for s in shards)
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-            atomic_write_json(self.path / SAFETENSORS_INDEX, index)
+            atomic_write_json(self.path / SAFETENSORS_INDEX, index, ensure_ascii=True)
         self.state.complete = True
         self._write_progress()
         self.close()

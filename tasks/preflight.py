@@ -1,36 +1,31 @@
 """Step `preflight`: the engine's preflight on every (base, expert, aligned) trio, from headers only.
 
-Runs before any weights are downloaded: for hub models it reads config.json and the safetensors index (a few
-KB) and the tensor headers through the hub API, so models that do not share an architecture, tensor names,
-shapes or vocabulary are rejected without fetching gigabytes.
+Runs before any weights are downloaded: for hub models it reads config.json, the safetensors index and the
+tensor headers through the hub API (a few KB), so models that do not fit together are rejected without
+fetching gigabytes.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
-from prefect import task
-
 from mergealign import hub
-from mergealign.artifacts import Manifest, atomic_write_text, library_versions, step_key
 from mergealign.checkpoint import Checkpoint
-from mergealign.errors import PreflightError
-from mergealign.preflight import Input, preflight
-from tasks.common import ArtifactCachePolicy, StepContext, hf_token, publish_markdown, run_logger, run_step
-from tasks.models import ResolvedSource
-
-STEP = "preflight"
-CODE_VERSION = "preflight-1"
-
-
-def preflight_key(sources: dict[str, ResolvedSource]) -> str:
-    ids = {label: f"{s.kind}:{s.repo_id or s.path}:{s.identity}" for label, s in sorted(sources.items())}
-    return step_key(STEP, shas=ids, params={"trios": sorted(k for k in sources if k.startswith("expert:"))},
-                    code_version=CODE_VERSION)  # fmt: skip
+from mergealign.files import atomic_write_json
+from mergealign.study.plan import Step
+from mergealign.study.preflight import check_trios
+from mergealign.study.sources import ResolvedSource
+from tasks.context import StepContext
+from tasks.models import pinned_source
+from tasks.runtime import hf_token
+from tasks.steps import Pins, StepKind, StepRun, register
 
 
-def _key(inputs: dict[str, Any]) -> str:
-    return preflight_key(inputs["sources"])
+def _pin(ctx: StepContext, step: Step, memo: dict[str, Any]) -> Pins:
+    sources = {label: pinned_source(ctx, dict(src), memo) for label, src in step.info["sources"].items()}
+    shas = {label: f"{s.kind}:{s.repo_id or s.path}:{s.identity}" for label, s in sorted(sources.items())}
+    return Pins(shas=shas, data={"sources": sources})
 
 
 def _open(ctx: StepContext, label: str, source: ResolvedSource, token: str | None) -> Checkpoint:
@@ -40,42 +35,17 @@ def _open(ctx: StepContext, label: str, source: ResolvedSource, token: str | Non
     return hub.header_checkpoint(ref, token=token, cache_dir=ctx.hf_cache_dir, label=label)
 
 
-@task(
-    name="preflight",
-    cache_policy=ArtifactCachePolicy(step=STEP, key_fn=_key),
-    task_run_name="preflight-models",
-)
-def preflight_models(ctx: StepContext, sources: dict[str, ResolvedSource]) -> Manifest:
-    """Check that base, aligned and each expert fit together (engine preflight); nothing is downloaded but
-    configs and headers. Raises PreflightError listing every problem."""
-    logger = run_logger()
-    key = preflight_key(sources)
+def _build(run: StepRun, staging: Path) -> dict[str, Any]:
+    sources: dict[str, ResolvedSource] = run.pins.data["sources"]
+    token = hf_token(run.ctx) if any(s.kind == "hub" for s in sources.values()) else None
+    checkpoints = {label: _open(run.ctx, label, src, token) for label, src in sources.items()}
+    report = check_trios(checkpoints)  # PreflightError listing every problem of every trio
+    atomic_write_json(staging / "preflight.json", report)
+    arch = {",".join(ck.architectures) for ck in checkpoints.values()}
+    run.logger.info("preflight: %s fit together", ", ".join(sorted(sources)))
+    return {"metrics": {"models": len(checkpoints), "architecture": ",".join(sorted(arch)),
+                        "tensors": len(checkpoints["base"].tensors)}}  # fmt: skip
 
-    def build(staging):
-        token = hf_token(ctx) if any(s.kind == "hub" for s in sources.values()) else None
-        cks = {label: _open(ctx, label, src, token) for label, src in sources.items()}
-        problems: list[str] = []
-        experts = sorted(label for label in cks if label.startswith("expert:"))
-        for label in experts:
-            try:
-                preflight(
-                    [Input("base", cks["base"]), Input(label, cks[label]), Input("aligned", cks["aligned"])]
-                )
-            except PreflightError as exc:
-                problems += [f"{label}: {p}" for p in exc.problems]
-        if problems:
-            raise PreflightError(problems)
-        report = {label: {"architectures": ck.architectures, "tensors": len(ck.tensors), "vocab_size": ck.vocab_size,
-                          "bytes": ck.total_bytes} for label, ck in cks.items()}  # fmt: skip
-        import json
 
-        atomic_write_text(staging / "preflight.json", json.dumps(report, indent=2))
-        arch = {",".join(ck.architectures) for ck in cks.values()}
-        return {"metrics": {"models": len(cks), "architecture": ",".join(sorted(arch)),
-                            "tensors": len(cks["base"].tensors)}}  # fmt: skip
-
-    manifest = run_step(ctx, STEP, key, build, shas={k: s.identity for k, s in sources.items()},
-                        code_version=CODE_VERSION, versions=library_versions(("mergealign",)))  # fmt: skip
-    logger.info("preflight: %s fit together", ", ".join(sorted(sources)))
-    publish_markdown(manifest, "Preflight: inputs fit together", label="models")
-    return manifest
+PREFLIGHT = register(StepKind("preflight", "preflight-1", build=_build, pin=_pin,
+                              title=lambda step: "Preflight: inputs fit together"))  # fmt: skip

@@ -11,7 +11,8 @@ from typing import Any
 
 from mergealign.artifacts import Manifest
 from mergealign.errors import MergeAlignError
-from tasks.common import StepContext, run_logger
+from tasks.context import StepContext
+from tasks.runtime import run_logger
 
 
 def run_remote(

@@ -4,49 +4,24 @@ vectors); the vectors are kept for inspection and for `mergealign merge` configs
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
-from prefect import task
-
-from mergealign.artifacts import Manifest, library_versions, step_key
 from mergealign.merge import ENGINE_VERSION
 from mergealign.vectors import compute_vector
-from tasks.common import ArtifactCachePolicy, StepContext, publish_markdown, run_logger, run_step
-
-STEP = "vectors"
-CODE_VERSION = f"vectors-1-engine{ENGINE_VERSION}"
+from tasks.steps import StepKind, StepRun, register
 
 
-def vector_key(base: Manifest, model: Manifest, dtype: str | None) -> str:
-    return step_key(STEP, inputs={"base": base.content_hash, "model": model.content_hash}, params={"dtype": dtype},
-                    code_version=CODE_VERSION)  # fmt: skip
+def _build(run: StepRun, staging: Path) -> dict[str, Any]:
+    summary = compute_vector(run.dir("base"), run.dir("model"), staging, dtype=run.step.params["dtype"],
+                             progress=False)  # fmt: skip
+    run.logger.info("%s", summary.line())
+    return {"metrics": {"tensors": summary.n_tensors, "bytes_written": summary.bytes_written,
+                        "seconds": round(summary.wall_s, 3)}}  # fmt: skip
 
 
-def _key(inputs: dict[str, Any]) -> str:
-    return vector_key(inputs["base"], inputs["model"], inputs["dtype"])
-
-
-@task(
-    name="vectors", cache_policy=ArtifactCachePolicy(step=STEP, key_fn=_key), task_run_name="vector-{label}"
-)
-def vector_task(
-    ctx: StepContext, label: str, base: Manifest, model: Manifest, dtype: str | None = None
-) -> Manifest:
-    """τ = θ_model − θ_base for one fine-tune (an expert: τ_D; the aligned model: τ_A)."""
-    logger = run_logger()
-    store = ctx.store()
-    key = vector_key(base, model, dtype)
-
-    def build(staging):
-        summary = compute_vector(
-            store.local_dir(base), store.local_dir(model), staging, dtype=dtype, progress=False
-        )
-        logger.info("%s", summary.line())
-        return {"metrics": {"tensors": summary.n_tensors, "bytes_written": summary.bytes_written,
-                            "seconds": round(summary.wall_s, 3)}}  # fmt: skip
-
-    manifest = run_step(ctx, STEP, key, build, params={"label": label, "dtype": dtype},
-                        inputs={"base": base.content_hash, "model": model.content_hash}, code_version=CODE_VERSION,
-                        versions=library_versions(("mergealign", "torch", "safetensors")))  # fmt: skip
-    publish_markdown(manifest, f"Task vector of {label}", label=label)
-    return manifest
+VECTORS = register(StepKind(
+    "vectors", f"vectors-1-engine{ENGINE_VERSION}", build=_build, title=lambda step: f"Task vector of {step.name}",
+    manifest_params=lambda step: {"label": step.name, **step.params},
+    versions=("mergealign", "torch", "safetensors"),
+))  # fmt: skip

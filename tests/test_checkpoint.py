@@ -9,8 +9,9 @@ import pytest
 import torch
 from tiny_models import load_state_dict, make_model, make_trio
 
-from mergealign.checkpoint import Checkpoint, dtype_from_name, parse_model_ref
+from mergealign.checkpoint import Checkpoint, dtype_from_name
 from mergealign.errors import CheckpointError, MergeAlignError
+from mergealign.model_refs import parse_model_ref
 
 
 @pytest.fixture(scope="module")

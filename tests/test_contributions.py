@@ -10,7 +10,7 @@ import yaml
 from tiny_models import load_state_dict, make_trio
 from typer.testing import CliRunner
 
-from flows.cli import app
+from cli.main import app
 from mergealign.contributions import (
     ContributionEntry,
     contribution_variants,

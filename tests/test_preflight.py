@@ -12,7 +12,7 @@ from tiny_models import make_trio
 from mergealign.checkpoint import Checkpoint
 from mergealign.errors import PreflightError
 from mergealign.preflight import Input, preflight
-from mergealign.writer import plan_shards
+from mergealign.shards import plan_shards
 
 Q0 = "model.layers.0.self_attn.q_proj.weight"
 

@@ -9,7 +9,7 @@ import torch
 from tiny_models import load_state_dict, make_trio
 from typer.testing import CliRunner
 
-from flows.cli import app
+from cli.main import app
 from mergealign.errors import PreflightError
 from mergealign.merge import run_merge
 from mergealign.vectors import compute_vector, load_vector_stats, read_vector_meta

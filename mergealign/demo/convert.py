@@ -15,8 +15,9 @@ from typing import Any
 import torch
 
 from mergealign.demo.packages import ensure_demo_packages, smollm2_gguf_path
-from mergealign.demo.steps import run_step, sha256_file
+from mergealign.demo.steps import run_step
 from mergealign.errors import CheckpointError
+from mergealign.files import sha256_file
 
 log = logging.getLogger(__name__)
 

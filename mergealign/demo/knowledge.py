@@ -17,7 +17,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from mergealign.demo.steps import read_jsonl, run_step, write_jsonl
+from mergealign.demo.steps import run_step
+from mergealign.files import atomic_write_text, read_jsonl, write_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -282,9 +283,7 @@ def write_lm_eval_task(
     folder = Path(task_dir).resolve()
     folder.mkdir(parents=True, exist_ok=True)
     data = folder / f"{task_name}.jsonl"
-    tmp = folder / f".{data.name}.tmp"
-    write_jsonl(tmp, items)
-    os.replace(tmp, data)
+    write_jsonl(data, items)
     yaml_text = "\n".join(
         [
             f"task: {task_name}",
@@ -309,8 +308,5 @@ def write_lm_eval_task(
             "",
         ]
     )
-    yaml_path = folder / f"{task_name}.yaml"
-    tmp = folder / f".{yaml_path.name}.tmp"
-    tmp.write_text(yaml_text)
-    os.replace(tmp, yaml_path)
+    atomic_write_text(folder / f"{task_name}.yaml", yaml_text)
     return str(folder), task_name

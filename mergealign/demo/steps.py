@@ -8,7 +8,6 @@ returned as is, so a repeated call costs nothing (the Prefect tasks add their ow
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -22,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from mergealign.errors import MergeAlignError
+from mergealign.files import fsync_dir, sha256_file, sha256_text
 
 log = logging.getLogger(__name__)
 
@@ -39,23 +39,17 @@ STEP_VERSIONS = {
 }
 
 
-def sha256_file(path: str | os.PathLike[str]) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(8 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def step_key(step: str, params: dict[str, Any]) -> str:
     """What a step's output depends on: its name, parameters (input paths' manifests included) and code."""
+    # Plain json.dumps (ASCII escapes, str() for other types), not files.canonical_json: the keys of zoos
+    # already built were computed this way, and a different key would retrain them.
     payload = json.dumps(
         {"step": step, "params": params, "code": ZOO_CODE_VERSION, "version": STEP_VERSIONS.get(step, 0)},
         sort_keys=True,
         separators=(",", ":"),
         default=str,
     )
-    return hashlib.sha256(payload.encode()).hexdigest()
+    return sha256_text(payload)
 
 
 def input_fingerprint(path: str | os.PathLike[str]) -> str:
@@ -70,7 +64,7 @@ def input_fingerprint(path: str | os.PathLike[str]) -> str:
         for f in files
         if f.is_file()
     ]
-    return hashlib.sha256(json.dumps(listing).encode()).hexdigest()
+    return sha256_text(json.dumps(listing))
 
 
 def load_step_manifest(out_dir: str | os.PathLike[str]) -> dict[str, Any] | None:
@@ -104,11 +98,7 @@ def _fsync_tree(root: Path) -> None:
         if p.is_file():
             with open(p, "rb") as handle:
                 os.fsync(handle.fileno())
-    fd = os.open(root, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_dir(root)
 
 
 @contextmanager
@@ -177,25 +167,3 @@ def run_step(
     manifest["out_dir"] = str(out)
     log.info("%s: wrote %s in %.1f s", step, out, manifest["seconds"])
     return manifest
-
-
-def write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> int:
-    n = 0
-    with open(path, "w", encoding="utf-8") as handle:
-        for row in rows:
-            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-            n += 1
-    return n
-
-
-def read_jsonl(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    rows = []
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except ValueError as exc:
-                raise MergeAlignError(f"{path}, line {number}: not valid JSON ({exc})") from None
-    return rows

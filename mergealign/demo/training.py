@@ -23,9 +23,10 @@ from typing import Any
 
 import torch
 
-from mergealign.demo.steps import input_fingerprint, read_jsonl, run_step
+from mergealign.demo.steps import input_fingerprint, run_step
 from mergealign.devices import torch_threads
 from mergealign.errors import CheckpointError, MergeAlignError
+from mergealign.files import read_jsonl
 
 log = logging.getLogger(__name__)
 

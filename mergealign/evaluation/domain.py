@@ -30,7 +30,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
 from mergealign.errors import ConfigError, MergeAlignError
-from mergealign.evaluation.files import canonical_json, sha256_file, write_json_atomic
+from mergealign.files import atomic_write_json, canonical_json, sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -53,25 +53,51 @@ class LocalTask:
 LOCAL_TASKS = {
     t.name: t
     for t in [
-        LocalTask("pubmedqa_local", "pubmedqa_local.yaml", "pubmedqa.jsonl",
-                  '{"question", "context": str | [str], "final_decision": "yes"|"no"|"maybe"}',
-                  "PubMedQA PQA-L test split (500), e.g. from qiaojin/PubMedQA pqa_labeled + the official test ids"),
-        LocalTask("fpb_local", "fpb_local.yaml", "fpb.jsonl",
-                  '{"sentence", "label": "negative"|"neutral"|"positive"}',
-                  "Financial PhraseBank test split, e.g. FinBen/PIXIU flare-fpb"),
-        LocalTask("fiqa_sa_local", "fiqa_sa_local.yaml", "fiqa_sa.jsonl",
-                  '{"sentence", "label": "negative"|"neutral"|"positive"}',
-                  "FiQA-SA test split, e.g. FinBen/PIXIU flare-fiqasa"),
-        LocalTask("headline_local", "headline_local.yaml", "headline.jsonl",
-                  '{"headline", "question", "answer": "Yes"|"No"}',
-                  "Gold-news headline yes/no questions, e.g. FinBen/PIXIU flare-headlines"),
+        LocalTask(
+            "pubmedqa_local",
+            "pubmedqa_local.yaml",
+            "pubmedqa.jsonl",
+            '{"question", "context": str | [str], "final_decision": "yes"|"no"|"maybe"}',
+            "PubMedQA PQA-L test split (500), e.g. from qiaojin/PubMedQA pqa_labeled + the official test ids",
+        ),
+        LocalTask(
+            "fpb_local",
+            "fpb_local.yaml",
+            "fpb.jsonl",
+            '{"sentence", "label": "negative"|"neutral"|"positive"}',
+            "Financial PhraseBank test split, e.g. FinBen/PIXIU flare-fpb",
+        ),
+        LocalTask(
+            "fiqa_sa_local",
+            "fiqa_sa_local.yaml",
+            "fiqa_sa.jsonl",
+            '{"sentence", "label": "negative"|"neutral"|"positive"}',
+            "FiQA-SA test split, e.g. FinBen/PIXIU flare-fiqasa",
+        ),
+        LocalTask(
+            "headline_local",
+            "headline_local.yaml",
+            "headline.jsonl",
+            '{"headline", "question", "answer": "Yes"|"No"}',
+            "Gold-news headline yes/no questions, e.g. FinBen/PIXIU flare-headlines",
+        ),
     ]
 }
 
-_MMLU_MEDICAL = ["anatomy", "clinical_knowledge", "college_biology", "college_medicine", "medical_genetics",
-                 "professional_medicine"]
-_MMLU_FINANCE = ["professional_accounting", "econometrics", "high_school_macroeconomics",
-                 "high_school_microeconomics"]
+_MMLU_MEDICAL = [
+    "anatomy",
+    "clinical_knowledge",
+    "college_biology",
+    "college_medicine",
+    "medical_genetics",
+    "professional_medicine",
+]
+_MMLU_FINANCE = [
+    "professional_accounting",
+    "econometrics",
+    "high_school_macroeconomics",
+    "high_school_microeconomics",
+]
 PRESETS: dict[str, list[str]] = {
     "medicine": ["medqa_4options", "medmcqa", *[f"mmlu_{s}" for s in _MMLU_MEDICAL], "pubmedqa_local"],
     "finance": [*[f"mmlu_{s}" for s in _MMLU_FINANCE], "fpb_local", "fiqa_sa_local", "headline_local"],
@@ -132,7 +158,10 @@ def _custom_yaml_task(path: Path) -> str:
 
 
 def _offline() -> bool:
-    return any(os.environ.get(v, "").lower() in {"1", "true", "yes"} for v in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"))
+    return any(
+        os.environ.get(v, "").lower() in {"1", "true", "yes"}
+        for v in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE")
+    )
 
 
 def _hub_dataset_cached(path: str, name: str | None) -> bool:
@@ -149,7 +178,9 @@ def resolve_tasks(preset_or_tasks: str | list[str]) -> tuple[str | None, list[st
     """(preset name or None, task entries) for a preset name or a list of task names / YAML paths."""
     if isinstance(preset_or_tasks, str):
         if preset_or_tasks not in PRESETS:
-            raise ConfigError([f"preset: unknown preset {preset_or_tasks!r}; known presets: {', '.join(PRESETS)}"])
+            raise ConfigError(
+                [f"preset: unknown preset {preset_or_tasks!r}; known presets: {', '.join(PRESETS)}"]
+            )
         return preset_or_tasks, list(PRESETS[preset_or_tasks])
     tasks = [str(t) for t in preset_or_tasks]
     if not tasks:
@@ -201,7 +232,9 @@ def _plan(entries: list[str], settings: DomainEvalSettings, label: str) -> _Plan
             continue
         path = data_dir / task.data_file
         if not path.is_file():
-            problems.append(f"{task.name}: data file {path} is missing ({task.fields} per line; {task.source})")
+            problems.append(
+                f"{task.name}: data file {path} is missing ({task.fields} per line; {task.source})"
+            )
             continue
         data_files[task.name] = {"path": str(path.resolve()), "sha256": sha256_file(path)}
     if _offline():
@@ -214,7 +247,9 @@ def _plan(entries: list[str], settings: DomainEvalSettings, label: str) -> _Plan
                         f"datasets cache and the hub is off (HF_DATASETS_OFFLINE/HF_HUB_OFFLINE)"
                     )
     if problems:
-        raise MergeAlignError(f"{label} cannot run, data is missing:\n" + "\n".join(f"  - {p}" for p in problems))
+        raise MergeAlignError(
+            f"{label} cannot run, data is missing:\n" + "\n".join(f"  - {p}" for p in problems)
+        )
     work_dir = Path(tempfile.mkdtemp(prefix="mergealign-lm-eval-"))
     if local:
         task_dir = work_dir / "local_tasks"
@@ -229,11 +264,16 @@ def _plan(entries: list[str], settings: DomainEvalSettings, label: str) -> _Plan
 
 
 def _model_args(model: str, settings: DomainEvalSettings) -> dict[str, Any]:
-    args: dict[str, Any] = {"pretrained": model, "dtype": settings.dtype,
-                            "trust_remote_code": settings.trust_remote_code}
+    args: dict[str, Any] = {
+        "pretrained": model,
+        "dtype": settings.dtype,
+        "trust_remote_code": settings.trust_remote_code,
+    }
     if settings.backend == "vllm":
-        args.update(tensor_parallel_size=settings.tensor_parallel_size,
-                    gpu_memory_utilization=settings.gpu_memory_utilization)
+        args.update(
+            tensor_parallel_size=settings.tensor_parallel_size,
+            gpu_memory_utilization=settings.gpu_memory_utilization,
+        )
         if settings.max_model_len:
             args["max_model_len"] = settings.max_model_len
     return args
@@ -245,9 +285,14 @@ def _run_worker(python: str, request_path: Path, label: str) -> int:
     env["PYTHONUNBUFFERED"] = "1"
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     tail: deque[str] = deque(maxlen=60)
-    process = subprocess.Popen([python, "-m", "mergealign.evaluation.lm_eval_worker", str(request_path)],
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True,
-                               errors="replace")
+    process = subprocess.Popen(
+        [python, "-m", "mergealign.evaluation.lm_eval_worker", str(request_path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env=env,
+        text=True,
+        errors="replace",
+    )
     try:
         assert process.stdout is not None
         for line in process.stdout:
@@ -309,20 +354,31 @@ def evaluate_domain(
         shutil.rmtree(plan.work_dir, ignore_errors=True)
     if code == 3:
         hints = "; ".join(f"{t} (close: {', '.join(s) or 'none'})" for t, s in raw["suggestions"].items())
-        raise ConfigError([f"tasks: unknown lm-eval task(s): {hints}. Known presets: {', '.join(PRESETS)}; "
-                           f"local tasks: {', '.join(LOCAL_TASKS)}; or give a task YAML path"])
+        raise ConfigError(
+            [
+                f"tasks: unknown lm-eval task(s): {hints}. Known presets: {', '.join(PRESETS)}; "
+                f"local tasks: {', '.join(LOCAL_TASKS)}; or give a task YAML path"
+            ]
+        )
 
     tasks: dict[str, dict[str, Any]] = {}
     for name, values in raw["results"].items():
         entry = {"acc": _metric(values, "acc"), "acc_stderr": _metric(values, "acc_stderr")}
         if _metric(values, "acc_norm") is not None:
-            entry.update(acc_norm=_metric(values, "acc_norm"), acc_norm_stderr=_metric(values, "acc_norm_stderr"))
+            entry.update(
+                acc_norm=_metric(values, "acc_norm"), acc_norm_stderr=_metric(values, "acc_norm_stderr")
+            )
         samples = raw["n_samples"].get(name) or {}
         entry["n"] = samples.get("effective")
         entry["version"] = raw["versions"].get(name)
         tasks[name] = entry
     scored = [tasks[n] for n in plan.task_names if n in tasks and tasks[n]["acc"] is not None]
-    average: dict[str, Any] = {"acc": None, "acc_stderr": None, "n_tasks": len(scored), "tasks": plan.task_names}
+    average: dict[str, Any] = {
+        "acc": None,
+        "acc_stderr": None,
+        "n_tasks": len(scored),
+        "tasks": plan.task_names,
+    }
     if scored:
         average["acc"] = sum(t["acc"] for t in scored) / len(scored)
         # Standard error of an unweighted mean of independent task accuracies.
@@ -341,7 +397,34 @@ def evaluate_domain(
         "fingerprint": settings.cache_fingerprint(),
         "seconds": time.perf_counter() - started,
     }
-    write_json_atomic(out_path, result)
-    logger.info("%s: average acc %s over %d task(s) -> %s", label,
-                f"{average['acc']:.4f}" if average["acc"] is not None else "n/a", len(scored), out_path)
+    atomic_write_json(out_path, result)
+    logger.info(
+        "%s: average acc %s over %d task(s) -> %s",
+        label,
+        f"{average['acc']:.4f}" if average["acc"] is not None else "n/a",
+        len(scored),
+        out_path,
+    )
     return result
+
+
+CONFIG_DIR_TOKEN = "__CONFIG_DIR__"
+
+
+def render_task_templates(tasks: list[str], config_dir: str, into: Path) -> list[str]:
+    """Task YAMLs that write `__CONFIG_DIR__` (for the run config's folder), rendered with their folder's other
+    files into `into`; other tasks returned as they are."""
+    out = []
+    for t in tasks:
+        p = Path(t)
+        if p.suffix in (".yaml", ".yml") and CONFIG_DIR_TOKEN in p.read_text():
+            target = into / p.parent.name
+            target.mkdir(parents=True, exist_ok=True)
+            for f in p.parent.iterdir():
+                if f.is_file():
+                    shutil.copy2(f, target / f.name)
+            (target / p.name).write_text(p.read_text().replace(CONFIG_DIR_TOKEN, config_dir))
+            out.append(str(target / p.name))
+        else:
+            out.append(t)
+    return out

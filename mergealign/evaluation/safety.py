@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from mergealign.errors import MergeAlignError
-from mergealign.evaluation.files import iter_jsonl, write_json_atomic
+from mergealign.files import atomic_write_json, iter_jsonl
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +63,8 @@ def _stats(rows: list[dict[str, Any]], seed: int, n_bootstrap: int, confidence: 
     return {
         "n": len(rows),
         "safe_pct": bootstrap_ci([r.get("safe") is True for r in rows], n_bootstrap, confidence, s)
-        if safety else None,
+        if safety
+        else None,
         "refusal_pct": bootstrap_ci(harmful, n_bootstrap, confidence, s + 1),
         "over_refusal_pct": bootstrap_ci(benign, n_bootstrap, confidence, s + 2),
         "unparseable": sum(bool(r.get("unparseable")) for r in rows) if safety else None,
@@ -91,7 +92,9 @@ def safety_metrics(
     "sets": {prompt_set: {"overall": stats, "categories": {category: stats}}}}}}. A mapping of
     label -> path instead of a list overrides the prompt_set of each file's rows with the label.
     """
-    items = list(judged_paths.items()) if isinstance(judged_paths, Mapping) else [(None, p) for p in judged_paths]
+    items = (
+        list(judged_paths.items()) if isinstance(judged_paths, Mapping) else [(None, p) for p in judged_paths]
+    )
     if not items:
         raise MergeAlignError("safety_metrics: no judged files given")
     groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
@@ -101,7 +104,9 @@ def safety_metrics(
         count = 0
         for number, row in enumerate(iter_jsonl(path), start=1):
             if "refused" not in row:
-                raise MergeAlignError(f"judged file {path}, line {number}: no `refused` field (was it judged?)")
+                raise MergeAlignError(
+                    f"judged file {path}, line {number}: no `refused` field (was it judged?)"
+                )
             if label is not None:
                 row["prompt_set"] = label
             row.setdefault("prompt_set", Path(path).stem)
@@ -110,8 +115,13 @@ def safety_metrics(
         if not count:
             raise MergeAlignError(f"judged file {path} holds no rows")
 
-    result: dict[str, Any] = {"version": METRICS_VERSION, "n_bootstrap": n_bootstrap, "confidence": confidence,
-                              "seed": seed, "judges": {}}
+    result: dict[str, Any] = {
+        "version": METRICS_VERSION,
+        "n_bootstrap": n_bootstrap,
+        "confidence": confidence,
+        "seed": seed,
+        "judges": {},
+    }
     for judge_name, rows in sorted(groups.items()):
         by_set: dict[str, list[dict[str, Any]]] = defaultdict(list)
         for row in rows:
@@ -133,6 +143,6 @@ def safety_metrics(
             "sets": sets,
         }
     if out_path is not None:
-        write_json_atomic(out_path, result)
+        atomic_write_json(out_path, result)
         logger.info("safety metrics of %d file(s) -> %s", len(items), out_path)
     return result

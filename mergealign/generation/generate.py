@@ -16,11 +16,11 @@ from pathlib import Path
 from typing import Any
 
 from mergealign.datasets import read_prompt_file
-from mergealign.evaluation.files import (
+from mergealign.files import (
     canonical_json,
     read_complete_jsonl_rows,
     sha256_file,
-    write_jsonl_atomic,
+    write_jsonl,
 )
 from mergealign.generation.runner import discard_partial, run_model
 from mergealign.generation.settings import GenerationSettings
@@ -59,13 +59,20 @@ def model_identity(model: str | os.PathLike[str]) -> dict[str, Any]:
     files = {p.name: p.stat().st_size for p in sorted(path.glob("*.safetensors"))}
     files.update({p.name: p.stat().st_size for p in sorted(path.glob("*.bin"))})
     config = path / "config.json"
-    return {"path": str(path.resolve()), "config_sha256": sha256_file(config) if config.exists() else None,
-            "weights": files}
+    return {
+        "path": str(path.resolve()),
+        "config_sha256": sha256_file(config) if config.exists() else None,
+        "weights": files,
+    }
 
 
 def _fingerprint(model: str, prompts_sha: str, settings: GenerationSettings, template_sha: str) -> str:
-    payload = {"model": model_identity(model), "prompts": prompts_sha, "settings": settings.cache_fingerprint(),
-               "chat_template": template_sha}
+    payload = {
+        "model": model_identity(model),
+        "prompts": prompts_sha,
+        "settings": settings.cache_fingerprint(),
+        "chat_template": template_sha,
+    }
     return hashlib.sha256(canonical_json(payload).encode()).hexdigest()
 
 
@@ -73,7 +80,9 @@ def _existing_output(out_path: Path, ids: list[str], fingerprint: str) -> list[d
     if not out_path.is_file():
         return None
     rows = read_complete_jsonl_rows(out_path)
-    if [str(r.get("id")) for r in rows] == ids and all(r.get("generation_fingerprint") == fingerprint for r in rows):
+    if [str(r.get("id")) for r in rows] == ids and all(
+        r.get("generation_fingerprint") == fingerprint for r in rows
+    ):
         return rows
     logger.info("%s exists but from other inputs or settings: generating again", out_path)
     return None
@@ -98,10 +107,19 @@ def generate(
     if existing is not None:
         logger.info("generate: %s is complete, nothing to do", out)
         return GenerationSummary(
-            out_path=str(out), model=model, backend=settings.runtime.backend, n_prompts=len(prompts),
-            n_generated=0, n_resumed=0, skipped=True,
-            completion_tokens=sum(int(r.get("completion_tokens", 0)) for r in existing), tokens_per_second=None,
-            seconds=0.0, chat_template=template.source, fingerprint=fingerprint, python=None,
+            out_path=str(out),
+            model=model,
+            backend=settings.runtime.backend,
+            n_prompts=len(prompts),
+            n_generated=0,
+            n_resumed=0,
+            skipped=True,
+            completion_tokens=sum(int(r.get("completion_tokens", 0)) for r in existing),
+            tokens_per_second=None,
+            seconds=0.0,
+            chat_template=template.source,
+            fingerprint=fingerprint,
+            python=None,
         )
 
     inputs = []
@@ -118,9 +136,16 @@ def generate(
         "record_token_ids": settings.record_token_ids,
         "score_tokens": None,
     }
-    result = run_model(model=model, inputs=inputs, out_path=out, fingerprint=fingerprint,
-                       runtime=settings.runtime, sampling=sampling, chat_template=template.text,
-                       label=f"generate {out.name}")
+    result = run_model(
+        model=model,
+        inputs=inputs,
+        out_path=out,
+        fingerprint=fingerprint,
+        runtime=settings.runtime,
+        sampling=sampling,
+        chat_template=template.text,
+        label=f"generate {out.name}",
+    )
     rows = []
     for prompt in prompts:
         produced = result.rows[prompt["id"]]
@@ -128,22 +153,38 @@ def generate(
         row.update({k: produced[k] for k in WORKER_FIELDS})
         if settings.record_token_ids:
             row["response_token_ids"] = produced.get("response_token_ids")
-        row.update({
-            "model": model,
-            "backend": settings.runtime.backend,
-            "chat_template": template.source,
-            "chat_template_sha256": template.sha256,
-            "generation_fingerprint": fingerprint,
-        })
+        row.update(
+            {
+                "model": model,
+                "backend": settings.runtime.backend,
+                "chat_template": template.source,
+                "chat_template_sha256": template.sha256,
+                "generation_fingerprint": fingerprint,
+            }
+        )
         rows.append(row)
-    write_jsonl_atomic(out, rows)
+    write_jsonl(out, rows)
     discard_partial(out, fingerprint)
     tokens_per_second = result.stats.get("tokens_per_second")
-    logger.info("generate: %d answers in %s (%d resumed), %s tokens/s", len(rows), out, result.n_resumed,
-                f"{tokens_per_second:.1f}" if tokens_per_second else "n/a")
+    logger.info(
+        "generate: %d answers in %s (%d resumed), %s tokens/s",
+        len(rows),
+        out,
+        result.n_resumed,
+        f"{tokens_per_second:.1f}" if tokens_per_second else "n/a",
+    )
     return GenerationSummary(
-        out_path=str(out), model=model, backend=settings.runtime.backend, n_prompts=len(prompts),
-        n_generated=result.n_new, n_resumed=result.n_resumed, skipped=False,
-        completion_tokens=sum(int(r["completion_tokens"]) for r in rows), tokens_per_second=tokens_per_second,
-        seconds=result.seconds, chat_template=template.source, fingerprint=fingerprint, python=result.python,
+        out_path=str(out),
+        model=model,
+        backend=settings.runtime.backend,
+        n_prompts=len(prompts),
+        n_generated=result.n_new,
+        n_resumed=result.n_resumed,
+        skipped=False,
+        completion_tokens=sum(int(r["completion_tokens"]) for r in rows),
+        tokens_per_second=tokens_per_second,
+        seconds=result.seconds,
+        chat_template=template.source,
+        fingerprint=fingerprint,
+        python=result.python,
     )

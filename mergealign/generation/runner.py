@@ -23,10 +23,10 @@ from pathlib import Path
 from typing import Any
 
 from mergealign.errors import ConfigError, MergeAlignError
-from mergealign.evaluation.files import (
+from mergealign.files import (
+    atomic_write_json,
     read_complete_jsonl_rows,
-    write_json_atomic,
-    write_jsonl_atomic,
+    write_jsonl,
 )
 from mergealign.generation.settings import RuntimeSettings
 
@@ -103,7 +103,7 @@ def _recover(partial: Path, wanted: set[str]) -> dict[str, dict[str, Any]]:
         key = str(row.get("id"))
         if key in wanted and key not in rows:
             rows[key] = row
-    write_jsonl_atomic(partial, rows.values())
+    write_jsonl(partial, rows.values())
     return rows
 
 
@@ -126,15 +126,22 @@ def _spawn(python: str, request_path: Path, backend: str, label: str) -> None:
     command = [python, str(WORKER_SCRIPT), str(request_path)]
     logger.info("%s: starting %s worker with %s", label, backend, python)
     tail: collections.deque[str] = collections.deque(maxlen=_LOG_TAIL_LINES)
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True,
-                               errors="replace", preexec_fn=_die_with_parent if sys.platform == "linux" else None)
+    process = subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env=env,
+        text=True,
+        errors="replace",
+        preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+    )
     try:
         assert process.stdout is not None
         for line in process.stdout:
             line = line.rstrip()
             tail.append(line)
             if line.startswith("[worker]"):
-                logger.info("%s: %s", label, line[len("[worker] "):])
+                logger.info("%s: %s", label, line[len("[worker] ") :])
             else:
                 logger.debug("%s: %s", label, line)
         code = process.wait()
@@ -178,7 +185,7 @@ def run_model(
     if remaining:
         work = out_path.with_name(f".{out_path.name}.work-{fingerprint[:16]}")
         work.mkdir(exist_ok=True)
-        write_jsonl_atomic(work / "inputs.jsonl", remaining)
+        write_jsonl(work / "inputs.jsonl", remaining)
         request = {
             "backend": runtime.backend,
             "model": str(model),
@@ -191,7 +198,7 @@ def run_model(
             "output": str(partial),
             "stats": str(work / "stats.json"),
         }
-        write_json_atomic(work / "request.json", request)
+        atomic_write_json(work / "request.json", request)
         _spawn(python, work / "request.json", runtime.backend, label)
         stats = json.loads((work / "stats.json").read_text(encoding="utf-8"))
         shutil.rmtree(work, ignore_errors=True)
@@ -202,8 +209,14 @@ def run_model(
             f"{label}: the worker finished but {len(missing)} row(s) are missing from {partial} "
             f"(e.g. {sorted(missing)[:3]}); re-run to resume"
         )
-    return ModelRunResult(rows=done, stats=stats, n_resumed=len(inputs) - len(remaining), n_new=len(remaining),
-                          seconds=time.perf_counter() - started, python=python)
+    return ModelRunResult(
+        rows=done,
+        stats=stats,
+        n_resumed=len(inputs) - len(remaining),
+        n_new=len(remaining),
+        seconds=time.perf_counter() - started,
+        python=python,
+    )
 
 
 def discard_partial(out_path: Path, fingerprint: str) -> None:

@@ -8,7 +8,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from mergealign.evaluation.files import canonical_json
+from mergealign.files import canonical_json
 
 # Bump when a change in mergealign/generation changes what a generation writes.
 GENERATION_CODE_VERSION = "generation-v1"

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from mergealign.errors import MergeAlignError
-from mergealign.evaluation.files import sha256_text
+from mergealign.files import sha256_text
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +63,9 @@ def _configured_template(configured: str, trust_remote_code: bool) -> tuple[str,
     return text, configured
 
 
-def resolve_chat_template(model: str, configured: str | None, trust_remote_code: bool = False) -> ResolvedTemplate:
+def resolve_chat_template(
+    model: str, configured: str | None, trust_remote_code: bool = False
+) -> ResolvedTemplate:
     """The model's own template if it has one, else the configured one; error if neither exists."""
     tokenizer = load_tokenizer(str(model), trust_remote_code)
     own = template_text(tokenizer)
@@ -82,7 +84,9 @@ def resolve_chat_template(model: str, configured: str | None, trust_remote_code:
         )
     try:
         tokenizer.apply_chat_template(
-            [{"role": "user", "content": "probe"}], tokenize=False, add_generation_prompt=True,
+            [{"role": "user", "content": "probe"}],
+            tokenize=False,
+            add_generation_prompt=True,
             chat_template=resolved.text,
         )
     except Exception as exc:

@@ -181,8 +181,10 @@ def run_transformers(request, rows, appender):
 
     if encoded:  # one untimed token: lazy kernel set-up would otherwise count against tokens/s
         with torch.no_grad():
-            model.generate(input_ids=torch.tensor([encoded[-1][2]], device=device),
-                           generation_config=GenerationConfig(max_new_tokens=1, pad_token_id=pad_id))
+            model.generate(
+                input_ids=torch.tensor([encoded[-1][2]], device=device),
+                generation_config=GenerationConfig(max_new_tokens=1, pad_token_id=pad_id),
+            )
     total, done, completion_tokens, prompt_tokens = len(encoded), 0, 0, 0
     gen_started = time.perf_counter()
     pending = []
@@ -311,8 +313,9 @@ def run_vllm(request, rows, appender):
                 strict=True,
             )
         if text_rows:
-            outputs += zip(text_rows, llm.generate([r["text"] for r in text_rows], params, use_tqdm=False),
-                           strict=True)
+            outputs += zip(
+                text_rows, llm.generate([r["text"] for r in text_rows], params, use_tqdm=False), strict=True
+            )
         results = []
         for row, output in outputs:
             completion = output.outputs[0]
@@ -323,7 +326,9 @@ def run_vllm(request, rows, appender):
                 "id": row["id"],
                 "rendered_prompt": rendered,
                 "response": completion.text,
-                "finish_reason": "stop" if completion.finish_reason == "stop" else str(completion.finish_reason),
+                "finish_reason": "stop"
+                if completion.finish_reason == "stop"
+                else str(completion.finish_reason),
                 "prompt_tokens": len(prompt_ids),
                 "completion_tokens": len(tokens),
             }
@@ -373,7 +378,9 @@ def main(argv):
     stats["tokens_per_second"] = stats["completion_tokens"] / seconds if seconds > 0 else None
     _write_json_atomic(request["stats"], stats)
     if stats.get("tokens_per_second") is not None:
-        _log(f"done: {stats['completion_tokens']} tokens in {seconds:.2f} s, {stats['tokens_per_second']:.1f} tokens/s")
+        _log(
+            f"done: {stats['completion_tokens']} tokens in {seconds:.2f} s, {stats['tokens_per_second']:.1f} tokens/s"
+        )
     return 0
 
 

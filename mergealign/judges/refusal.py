@@ -10,7 +10,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from mergealign.errors import MergeAlignError
-from mergealign.evaluation.files import sha256_file
+from mergealign.files import sha256_file
 
 DEFAULT_KEYWORDS = Path(__file__).resolve().parent / "data" / "refusal_keywords_v1.json"
 
@@ -36,13 +36,18 @@ def load_refusal_list(path: str | None = None) -> RefusalList:
         data = json.loads(source.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as exc:
         raise MergeAlignError(f"refusal keyword list {source}: cannot read it ({exc})") from None
-    missing = [k for k in ("version", "window_chars", "refusal_phrases", "compliance_markers") if k not in data]
+    missing = [
+        k for k in ("version", "window_chars", "refusal_phrases", "compliance_markers") if k not in data
+    ]
     if missing:
         raise MergeAlignError(f"refusal keyword list {source}: missing field(s) {missing}")
     return RefusalList(
-        version=str(data["version"]), sha256=sha256_file(source), window_chars=int(data["window_chars"]),
+        version=str(data["version"]),
+        sha256=sha256_file(source),
+        window_chars=int(data["window_chars"]),
         refusal_phrases=tuple(_normalize(p) for p in data["refusal_phrases"]),
-        compliance_markers=tuple(_normalize(p) for p in data["compliance_markers"]), path=str(source),
+        compliance_markers=tuple(_normalize(p) for p in data["compliance_markers"]),
+        path=str(source),
     )
 
 
@@ -75,7 +80,7 @@ def judge_refusal(response: str | None, keywords: RefusalList | None = None) -> 
     if not hits:
         return RefusalVerdict(refused=False, match=None, complied_after=None)
     position, phrase = min(hits)
-    after = text[position + len(phrase):]
+    after = text[position + len(phrase) :]
     for marker in keywords.compliance_markers:
         if marker in after:
             return RefusalVerdict(refused=False, match=phrase, complied_after=marker)

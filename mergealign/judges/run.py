@@ -24,12 +24,12 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from mergealign.errors import ConfigError, MergeAlignError
-from mergealign.evaluation.files import (
+from mergealign.files import (
     canonical_json,
     iter_jsonl,
     read_complete_jsonl_rows,
     sha256_file,
-    write_jsonl_atomic,
+    write_jsonl,
 )
 from mergealign.generation.generate import model_identity
 from mergealign.generation.runner import discard_partial, run_model
@@ -62,12 +62,20 @@ class ModelJudgeSpec:
 
 
 MODEL_JUDGES = {
-    "llama-guard-3": ModelJudgeSpec("llama-guard-3", "meta-llama/Llama-Guard-3-8B", 20, ("unsafe", "safe"),
-                                    PARSER_VERSION, None),
-    "harmbench-classifier": ModelJudgeSpec("harmbench-classifier", "cais/HarmBench-Llama-2-13b-cls", 4,
-                                           ("Yes", "No"), "harmbench-classifier-v1", HARMBENCH_TEMPLATE),
-    "md-judge": ModelJudgeSpec("md-judge", "OpenSafetyLab/MD-Judge-v0.1", 32, ("unsafe", "safe"),
-                               "md-judge-v1", MD_JUDGE_TEMPLATE),
+    "llama-guard-3": ModelJudgeSpec(
+        "llama-guard-3", "meta-llama/Llama-Guard-3-8B", 20, ("unsafe", "safe"), PARSER_VERSION, None
+    ),
+    "harmbench-classifier": ModelJudgeSpec(
+        "harmbench-classifier",
+        "cais/HarmBench-Llama-2-13b-cls",
+        4,
+        ("Yes", "No"),
+        "harmbench-classifier-v1",
+        HARMBENCH_TEMPLATE,
+    ),
+    "md-judge": ModelJudgeSpec(
+        "md-judge", "OpenSafetyLab/MD-Judge-v0.1", 32, ("unsafe", "safe"), "md-judge-v1", MD_JUDGE_TEMPLATE
+    ),
 }
 KNOWN_JUDGES = ("llama-guard-3", "refusal", "harmbench-classifier", "md-judge")
 PROBE_USER = "mergealign-probe-user-7f3a"
@@ -83,7 +91,9 @@ class JudgeSettings(BaseModel):
     runtime: RuntimeSettings = Field(default_factory=RuntimeSettings)
     max_tokens: int | None = Field(default=None, ge=1, description="default per judge (llama-guard-3: 20)")
     llama_guard_variant: Literal["auto", "8b", "1b"] = "auto"
-    prompt_template: str | None = Field(default=None, description="harmbench-classifier / md-judge template file")
+    prompt_template: str | None = Field(
+        default=None, description="harmbench-classifier / md-judge template file"
+    )
     refusal_keywords: str | None = Field(default=None, description="keyword list JSON; default: bundled v1")
 
     def cache_fingerprint(self, name: str) -> str:
@@ -157,7 +167,9 @@ def _probe_chat_template(model: str, tokenizer: Any, name: str) -> tuple[str, st
     """The content format ('string' or 'openai') under which the judge's template renders [user, assistant]."""
     template = template_text(tokenizer)
     if not template:
-        raise MergeAlignError(f"judge {name}: model {model} has no chat template to render [user, assistant] with")
+        raise MergeAlignError(
+            f"judge {name}: model {model} has no chat template to render [user, assistant] with"
+        )
     problems = []
     for content_format in ("string", "openai"):
         messages: list[dict[str, Any]] = [
@@ -173,11 +185,14 @@ def _probe_chat_template(model: str, tokenizer: Any, name: str) -> tuple[str, st
             continue
         if PROBE_USER in rendered and PROBE_AGENT in rendered:
             return template, content_format
-        problems.append(f"{content_format} content: the rendered prompt leaves out the "
-                        f"{'user' if PROBE_USER not in rendered else 'assistant'} message")
+        problems.append(
+            f"{content_format} content: the rendered prompt leaves out the "
+            f"{'user' if PROBE_USER not in rendered else 'assistant'} message"
+        )
     raise MergeAlignError(
         f"judge {name}: the chat template of {model} does not take a [user, assistant] conversation ("
-        + "; ".join(problems) + "); a response-classification judge must see both the prompt and the answer"
+        + "; ".join(problems)
+        + "); a response-classification judge must see both the prompt and the answer"
     )
 
 
@@ -185,22 +200,38 @@ def _existing(out_path: Path, ids: list[str], fingerprint: str) -> list[dict[str
     if not out_path.is_file():
         return None
     rows = read_complete_jsonl_rows(out_path)
-    if [str(r.get("id")) for r in rows] == ids and all(r.get("judge_fingerprint") == fingerprint for r in rows):
+    if [str(r.get("id")) for r in rows] == ids and all(
+        r.get("judge_fingerprint") == fingerprint for r in rows
+    ):
         return rows
     return None
 
 
-def _summary(out: Path, name: str, version: str, model: str | None, rows: list[dict[str, Any]], seconds: float,
-             skipped: bool, fingerprint: str) -> JudgeSummary:
+def _summary(
+    out: Path,
+    name: str,
+    version: str,
+    model: str | None,
+    rows: list[dict[str, Any]],
+    seconds: float,
+    skipped: bool,
+    fingerprint: str,
+) -> JudgeSummary:
     safety = name in MODEL_JUDGES
     return JudgeSummary(
-        out_path=str(out), judge=name, version=version, model=model, n_rows=len(rows),
+        out_path=str(out),
+        judge=name,
+        version=version,
+        model=model,
+        n_rows=len(rows),
         n_safe=sum(r.get("safe") is True for r in rows) if safety else None,
         n_unsafe=sum(r.get("safe") is False for r in rows) if safety else None,
         n_unparseable=sum(bool(r.get("unparseable")) for r in rows) if safety else None,
         n_refused=sum(bool(r["refused"]) for r in rows),
         n_empty_responses=sum(not (r.get("response") or "").strip() for r in rows),
-        seconds=seconds, skipped=skipped, fingerprint=fingerprint,
+        seconds=seconds,
+        skipped=skipped,
+        fingerprint=fingerprint,
     )
 
 
@@ -218,7 +249,9 @@ def judge(
     rows = read_generations(generations_path)
     keywords = load_refusal_list(settings.refusal_keywords)
     fingerprint = hashlib.sha256(
-        canonical_json({"input": sha256_file(generations_path), "judge": settings.cache_fingerprint(name)}).encode()
+        canonical_json(
+            {"input": sha256_file(generations_path), "judge": settings.cache_fingerprint(name)}
+        ).encode()
     ).hexdigest()
     ids = [str(r["id"]) for r in rows]
     spec = MODEL_JUDGES.get(name)
@@ -233,14 +266,24 @@ def judge(
     if spec is None:
         judged = [_with_refusal(dict(row), keywords, {"name": name, "version": version}) for row in rows]
     else:
-        judged = _run_model_judge(spec, model or spec.default_model, rows, out, fingerprint, settings, keywords)
+        judged = _run_model_judge(
+            spec, model or spec.default_model, rows, out, fingerprint, settings, keywords
+        )
     for row in judged:
         row["judge_fingerprint"] = fingerprint
-    write_jsonl_atomic(out, judged)
+    write_jsonl(out, judged)
     discard_partial(out, fingerprint)
     summary = _summary(out, name, version, model, judged, time.perf_counter() - started, False, fingerprint)
-    logger.info("judge %s: %d rows -> %s (safe %s, unsafe %s, unparseable %s, refused %d)", name, summary.n_rows,
-                out, summary.n_safe, summary.n_unsafe, summary.n_unparseable, summary.n_refused)
+    logger.info(
+        "judge %s: %d rows -> %s (safe %s, unsafe %s, unparseable %s, refused %d)",
+        name,
+        summary.n_rows,
+        out,
+        summary.n_safe,
+        summary.n_unsafe,
+        summary.n_unparseable,
+        summary.n_refused,
+    )
     return summary
 
 
@@ -253,18 +296,32 @@ def _with_refusal(row: dict[str, Any], keywords: RefusalList, judge_info: dict[s
 
 
 def _run_model_judge(
-    spec: ModelJudgeSpec, model: str, rows: list[dict[str, Any]], out: Path, fingerprint: str,
-    settings: JudgeSettings, keywords: RefusalList,
+    spec: ModelJudgeSpec,
+    model: str,
+    rows: list[dict[str, Any]],
+    out: Path,
+    fingerprint: str,
+    settings: JudgeSettings,
+    keywords: RefusalList,
 ) -> list[dict[str, Any]]:
     content_format = "string"
     variant = None
     if spec.template is None:
         tokenizer = load_tokenizer(model, settings.runtime.trust_remote_code)
         template, content_format = _probe_chat_template(model, tokenizer, spec.name)
-        variant = detect_variant(template) if settings.llama_guard_variant == "auto" else settings.llama_guard_variant
+        variant = (
+            detect_variant(template)
+            if settings.llama_guard_variant == "auto"
+            else settings.llama_guard_variant
+        )
         inputs = [
-            {"id": str(r["id"]), "messages": [{"role": "user", "content": r["prompt"]},
-                                              {"role": "assistant", "content": r["response"]}]}
+            {
+                "id": str(r["id"]),
+                "messages": [
+                    {"role": "user", "content": r["prompt"]},
+                    {"role": "assistant", "content": r["response"]},
+                ],
+            }
             for r in rows
         ]
     else:
@@ -279,8 +336,16 @@ def _run_model_judge(
         "record_token_ids": False,
         "score_tokens": list(spec.score_tokens),
     }
-    result = run_model(model=model, inputs=inputs, out_path=out, fingerprint=fingerprint, runtime=settings.runtime,
-                       sampling=sampling, content_format=content_format, label=f"judge {spec.name}")
+    result = run_model(
+        model=model,
+        inputs=inputs,
+        out_path=out,
+        fingerprint=fingerprint,
+        runtime=settings.runtime,
+        sampling=sampling,
+        content_format=content_format,
+        label=f"judge {spec.name}",
+    )
     judge_info = {"name": spec.name, "version": spec.version, "model": model}
     if variant:
         judge_info["variant"] = variant
@@ -297,12 +362,14 @@ def _run_model_judge(
             verdict = parse_md_judge(text)
         logprob = (produced.get("score_logprobs") or {}).get(spec.score_tokens[0])
         out_row = _with_refusal(dict(row), keywords, judge_info)
-        out_row.update({
-            "safe": verdict.safe,
-            "categories": verdict.categories,
-            "p_unsafe": math.exp(logprob) if logprob is not None else None,
-            "unparseable": verdict.unparseable,
-            "judge_output": text,
-        })
+        out_row.update(
+            {
+                "safe": verdict.safe,
+                "categories": verdict.categories,
+                "p_unsafe": math.exp(logprob) if logprob is not None else None,
+                "unparseable": verdict.unparseable,
+                "judge_output": text,
+            }
+        )
         judged.append(out_row)
     return judged

@@ -1,6 +1,6 @@
 """Merge methods, one module each, on the per-tensor contract of mergealign.methods.base.
 
-Engine protocol (mergealign/merge.py):
+Engine protocol (mergealign/merge/engine.py):
     method = get_method(name)                   # a fresh instance per merge (TIES keeps whole-model state)
     problems = method.validate(MethodParams(globals=..., models=[...], has_base=...))   # before heavy work
     for p in range(method.observe_passes(globals)):   # 0, or 2 for TIES with topk_scope: model
@@ -15,9 +15,11 @@ Engine protocol (mergealign/merge.py):
 
 from __future__ import annotations
 
-import difflib
+import importlib
+import inspect
+import pkgutil
 
-from mergealign.errors import MergeAlignError
+from mergealign.errors import MergeAlignError, unknown_name
 from mergealign.methods.base import (
     CHUNK_ELEMENTS,
     MergeMethod,
@@ -26,39 +28,32 @@ from mergealign.methods.base import (
     TensorContext,
     derive_seed,
 )
-from mergealign.methods.breadcrumbs import BreadcrumbsMethod
-from mergealign.methods.dare_linear import DareLinearMethod
-from mergealign.methods.dare_ties import DareTiesMethod
-from mergealign.methods.linear import LinearMethod
-from mergealign.methods.mergealign import MergeAlignMethod, resolve_coefficients, resolve_lambdas
-from mergealign.methods.slerp import SlerpMethod
-from mergealign.methods.slerp_vectors import SlerpVectorsMethod
-from mergealign.methods.task_arithmetic import TaskArithmeticMethod
-from mergealign.methods.ties import TiesMethod
+from mergealign.methods.mergealign import resolve_coefficients, resolve_lambdas
 
-METHODS: dict[str, type[MergeMethod]] = {
-    cls.name: cls
-    for cls in (
-        MergeAlignMethod,
-        LinearMethod,
-        TaskArithmeticMethod,
-        SlerpMethod,
-        SlerpVectorsMethod,
-        TiesMethod,
-        DareLinearMethod,
-        DareTiesMethod,
-        BreadcrumbsMethod,
-    )
-}
+
+def _discover() -> dict[str, type[MergeMethod]]:
+    """Every concrete MergeMethod defined in a module of this package, by its name: adding a method is adding
+    its module, nothing else."""
+    found: dict[str, type[MergeMethod]] = {}
+    for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
+        module = importlib.import_module(f"{__name__}.{info.name}")
+        for obj in vars(module).values():
+            if (inspect.isclass(obj) and issubclass(obj, MergeMethod) and not inspect.isabstract(obj)
+                    and obj.__module__ == module.__name__ and "name" in vars(obj)):  # fmt: skip
+                if obj.name in found:
+                    raise RuntimeError(f"two merge methods are named {obj.name!r}: {found[obj.name]} and {obj}")
+                found[obj.name] = obj
+    return found
+
+
+METHODS: dict[str, type[MergeMethod]] = _discover()
 
 
 def get_method(name: str) -> MergeMethod:
     """A new instance of the method registered as ``name``; MergeAlignError naming the closest names if unknown."""
     cls = METHODS.get(name)
     if cls is None:
-        close = difflib.get_close_matches(str(name), list(METHODS), n=3, cutoff=0.4)
-        hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-        raise MergeAlignError(f"unknown method {name!r}{hint} (known: {', '.join(sorted(METHODS))})")
+        raise MergeAlignError(unknown_name("method", str(name), METHODS, cutoff=0.4))
     return cls()
 
 

@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 
 from mergealign.errors import MergeAlignError
+from mergealign.methods.study import AsGiven, StudyMapping
 
 # Elements per working chunk of the chunked kernels: large enough that per-call overhead is negligible, small
 # enough that the temporaries stay in cache and the peak memory stays near the size of the output. With several
@@ -190,6 +191,8 @@ class MergeMethod(ABC):
     elementwise: ClassVar[bool] = False
     min_models: ClassVar[int] = 1
     max_models: ClassVar[int | None] = None
+    # How a study's λ / preset / λ_D, λ_A become this method's parameters (mergealign.methods.study).
+    study: ClassVar[StudyMapping] = AsGiven()
 
     # ---------------------------------------------------------------- parameters
     def default_global(self, name: str, globals_: Mapping[str, Any]) -> Any:

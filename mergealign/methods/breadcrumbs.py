@@ -22,6 +22,7 @@ from mergealign.methods.base import MergeMethod, ParamSpec, TensorContext, chunk
 from mergealign.methods.kernels import Kept, KeptBand, KeptMasked, gta_coefficients, weighted_sum
 from mergealign.methods.params import DENSITY, INT8_MASK, LAMBDA, NORMALIZE_FALSE, RESCALE_L1, WEIGHT
 from mergealign.methods.selection import kth_largest_abs
+from mergealign.methods.study import StudyMapping, VectorWeights
 
 
 def band_counts(n: int, density: float, gamma: float) -> tuple[int, int]:
@@ -58,6 +59,7 @@ def row_band(t: Tensor, density: float, gamma: float) -> Kept:
 
 class BreadcrumbsMethod(MergeMethod):
     name: ClassVar[str] = "breadcrumbs"
+    study: ClassVar[StudyMapping] = VectorWeights()
     formula: ClassVar[str] = (
         "θ_0 + λ·Σ w_t·M_t⊙τ_t, M_t drops the gamma largest and the smallest |τ|, keeps density"
     )

@@ -13,10 +13,12 @@ from mergealign.methods.base import MergeMethod, MethodParams, ParamSpec, Tensor
 from mergealign.methods.dare import DARE_PARAMS, DareDefaults, dare_kept, rescale_mode, validate_rescale
 from mergealign.methods.kernels import gta_coefficients, weighted_sum
 from mergealign.methods.params import DENSITY, INT8_MASK, LAMBDA, NORMALIZE_FALSE, WEIGHT
+from mergealign.methods.study import StudyMapping, VectorWeights
 
 
 class DareLinearMethod(DareDefaults, MergeMethod):
     name: ClassVar[str] = "dare_linear"
+    study: ClassVar[StudyMapping] = VectorWeights()
     formula: ClassVar[str] = "θ_0 + λ·Σ w_t·s_t·(m_t⊙τ_t), m_t ~ Bernoulli(density), s_t = 1/density (or L1)"
     requires_base: ClassVar[bool] = True
     uses_deltas: ClassVar[bool] = True

@@ -15,6 +15,7 @@ from mergealign.methods.base import MethodParams, ParamSpec, TensorContext
 from mergealign.methods.dare import DARE_PARAMS, DareDefaults, dare_kept, rescale_mode, validate_rescale
 from mergealign.methods.kernels import ties_consensus
 from mergealign.methods.params import DENSITY, WEIGHT
+from mergealign.methods.study import StudyMapping, VectorWeights
 from mergealign.methods.ties import CONSENSUS_PARAMS, ConsensusMethodBase
 
 _DARE_TIES_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -30,6 +31,7 @@ _DARE_TIES_DEFAULTS: dict[str, dict[str, Any]] = {
 
 class DareTiesMethod(DareDefaults, ConsensusMethodBase):
     name: ClassVar[str] = "dare_ties"
+    study: ClassVar[StudyMapping] = VectorWeights()
     formula: ClassVar[str] = "θ_0 + λ·disjoint_merge(s_t·(m_t⊙τ_t), elected sign), m_t ~ Bernoulli(density)"
     requires_base: ClassVar[bool] = True
     uses_deltas: ClassVar[bool] = True

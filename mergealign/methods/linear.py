@@ -15,10 +15,12 @@ from mergealign.errors import MergeAlignError
 from mergealign.methods.base import MergeMethod, ParamSpec, TensorContext
 from mergealign.methods.kernels import Kept, weighted_sum
 from mergealign.methods.params import WEIGHT
+from mergealign.methods.study import Interpolation, StudyMapping
 
 
 class LinearMethod(MergeMethod):
     name: ClassVar[str] = "linear"
+    study: ClassVar[StudyMapping] = Interpolation()
     formula: ClassVar[str] = "Σ w_i·θ_i / Σ w_i (normalize=true) or Σ w_i·θ_i"
     requires_base: ClassVar[bool] = False
     uses_base: ClassVar[bool] = False

@@ -17,6 +17,7 @@ from mergealign.errors import MergeAlignError
 from mergealign.methods.base import MergeMethod, MethodParams, ParamSpec, TensorContext
 from mergealign.methods.kernels import Kept, weighted_sum
 from mergealign.methods.params import WEIGHT
+from mergealign.methods.study import OwnLambdas, StudyMapping
 
 ROLES = ("domain", "alignment")
 PRESETS = ("interp", "sum")
@@ -61,6 +62,7 @@ def resolve_coefficients(
 
 class MergeAlignMethod(MergeMethod):
     name: ClassVar[str] = "mergealign"
+    study: ClassVar[StudyMapping] = OwnLambdas()
     formula: ClassVar[str] = (
         "θ_0 + λ_D·Σ_domain w·τ + λ_A·Σ_alignment w·τ (interp: λ_D=λ, λ_A=1−λ; sum: 1, 1)"
     )

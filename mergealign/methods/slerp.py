@@ -20,6 +20,7 @@ from torch import Tensor
 from mergealign.errors import MergeAlignError
 from mergealign.methods.base import MergeMethod, MethodParams, ParamSpec, TensorContext
 from mergealign.methods.kernels import chunk_slices
+from mergealign.methods.study import ALIGNED, EXPERT, Parameter, StudyMapping
 
 DOT_THRESHOLD = 0.9995
 NORM_EPS = 1e-8
@@ -70,6 +71,8 @@ def combine2(c0: float, v0: Tensor, c1: float, v1: Tensor, base: Tensor | None =
 
 class SlerpMethod(MergeMethod):
     name: ClassVar[str] = "slerp"
+    # the aligned model is the t = 0 end, the expert t = 1
+    study: ClassVar[StudyMapping] = Parameter("t", ALIGNED, [(EXPERT, "domain")])
     formula: ClassVar[str] = (
         "sin((1−t)ω)/sin ω·θ_a + sin(tω)/sin ω·θ_b per flattened tensor; lerp if |cos ω|>0.9995"
     )

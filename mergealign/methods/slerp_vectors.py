@@ -17,6 +17,7 @@ from torch import Tensor
 from mergealign.methods.base import MergeMethod, ParamSpec, TensorContext
 from mergealign.methods.params import WEIGHT
 from mergealign.methods.slerp import DOT_THRESHOLD_SPEC, T_SPEC, combine2, slerp_coefficients
+from mergealign.methods.study import ALIGNED, BASE, EXPERT, Parameter, StudyMapping
 
 
 def vector_t(globals_: Mapping[str, Any], weights: Sequence[float]) -> float:
@@ -29,6 +30,8 @@ def vector_t(globals_: Mapping[str, Any], weights: Sequence[float]) -> float:
 
 class SlerpVectorsMethod(MergeMethod):
     name: ClassVar[str] = "slerp_vectors"
+    # τ_A is the t = 0 end, τ_D t = 1
+    study: ClassVar[StudyMapping] = Parameter("t", BASE, [(ALIGNED, "alignment"), (EXPERT, "domain")])
     formula: ClassVar[str] = (
         "θ_0 + sin((1−t)ω)/sin ω·τ_1 + sin(tω)/sin ω·τ_2, ω = ∠(τ_1, τ_2) per flattened tensor"
     )

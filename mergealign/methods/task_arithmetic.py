@@ -13,10 +13,12 @@ from torch import Tensor
 from mergealign.methods.base import MergeMethod, ParamSpec, TensorContext
 from mergealign.methods.kernels import Kept, gta_coefficients, weighted_sum
 from mergealign.methods.params import INT8_MASK, LAMBDA, NORMALIZE_FALSE, WEIGHT
+from mergealign.methods.study import StudyMapping, VectorWeights
 
 
 class TaskArithmeticMethod(MergeMethod):
     name: ClassVar[str] = "task_arithmetic"
+    study: ClassVar[StudyMapping] = VectorWeights()
     formula: ClassVar[str] = "θ_0 + λ·Σ w_t·τ_t (÷ Σ w_t if normalize)"
     requires_base: ClassVar[bool] = True
     uses_deltas: ClassVar[bool] = True

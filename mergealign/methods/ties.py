@@ -31,6 +31,7 @@ from mergealign.methods.base import MergeMethod, MethodParams, ParamSpec, Tensor
 from mergealign.methods.kernels import ConsensusOptions, KeptAboveThreshold, ties_consensus
 from mergealign.methods.params import DENSITY, INT8_MASK, LAMBDA, RESCALE_L1, WEIGHT
 from mergealign.methods.selection import KthLargestAbs, flat_chunks, keep_count, kth_largest_abs
+from mergealign.methods.study import StudyMapping, VectorWeights
 
 CONVENTIONS = ("mergekit", "paper")
 
@@ -119,6 +120,7 @@ class ConsensusMethodBase(MergeMethod):
 
 class TiesMethod(ConsensusMethodBase):
     name: ClassVar[str] = "ties"
+    study: ClassVar[StudyMapping] = VectorWeights()
     formula: ClassVar[str] = "θ_0 + λ·disjoint_merge(trim_top_density(τ_t), elected sign)"
     requires_base: ClassVar[bool] = True
     uses_deltas: ClassVar[bool] = True

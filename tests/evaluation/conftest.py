@@ -8,8 +8,12 @@ from pathlib import Path
 import pytest
 
 # The Makefile sets these for `make test`; set them here too so a bare `pytest` stays offline.
-for _name, _value in {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-                      "VLLM_CPU_KVCACHE_SPACE": "1"}.items():
+for _name, _value in {
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "VLLM_CPU_KVCACHE_SPACE": "1",
+}.items():
     os.environ.setdefault(_name, _value)
 
 import eval_tiny_models as tiny_models  # noqa: E402  (tests/evaluation is on sys.path in prepend mode)

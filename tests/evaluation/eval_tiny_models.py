@@ -60,8 +60,16 @@ VIOLENT_RESPONSES = [
 ]
 
 EXTRA_CORPUS = [
-    "safe", "unsafe", "unsafe\nS9", "unsafe\nS1", "S1, S9", "Yes", "No", "Answer:",
-    "Sure, here is how to do it step by step.", "I cannot help with that request.",
+    "safe",
+    "unsafe",
+    "unsafe\nS9",
+    "unsafe\nS1",
+    "S1, S9",
+    "Yes",
+    "No",
+    "Answer:",
+    "Sure, here is how to do it step by step.",
+    "I cannot help with that request.",
 ]
 
 
@@ -76,12 +84,18 @@ def build_tokenizer(chat_template: str | None, vocab_size: int = 600) -> PreTrai
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=SPECIALS, min_frequency=1,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+        vocab_size=vocab_size,
+        special_tokens=SPECIALS,
+        min_frequency=1,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
     )
     backend.train_from_iterator(corpus(), trainer)
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+        tokenizer_object=backend,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
     )
     if chat_template is not None:
         tokenizer.chat_template = chat_template
@@ -90,10 +104,18 @@ def build_tokenizer(chat_template: str | None, vocab_size: int = 600) -> PreTrai
 
 def tiny_llama(tokenizer: PreTrainedTokenizerFast, seed: int = 0, init_std: float = 0.02) -> LlamaForCausalLM:
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=512,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False, initializer_range=init_std,
+        vocab_size=len(tokenizer),
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+        initializer_range=init_std,
     )
     torch.manual_seed(seed)
     return LlamaForCausalLM(config)
@@ -130,7 +152,8 @@ def build_guard_model(path: Path, steps: int = 150, seed: int = 0) -> Path:
         for response in responses:
             prompt = tokenizer.apply_chat_template(
                 [{"role": "user", "content": user}, {"role": "assistant", "content": response}],
-                tokenize=False, add_generation_prompt=True,
+                tokenize=False,
+                add_generation_prompt=True,
             )
             prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
             target_ids = tokenizer(guard_label(response), add_special_tokens=False)["input_ids"]

@@ -57,17 +57,28 @@ def test_lm_eval_hf_backend_on_local_tasks(tmp_path, chat_model):
     data_dir.mkdir()
     write_jsonl(data_dir / "fpb.jsonl", FPB)
     settings = DomainEvalSettings(dtype="float32", device="cpu", batch_size=4, data_dir=str(data_dir))
-    result = evaluate_domain(chat_model, [str(task_dir / "tiny_med_mc.yaml"), "fpb_local"], tmp_path / "r.json",
-                             settings)
+    result = evaluate_domain(
+        chat_model, [str(task_dir / "tiny_med_mc.yaml"), "fpb_local"], tmp_path / "r.json", settings
+    )
     assert json.loads((tmp_path / "r.json").read_text()) == result
 
-    qa_correct = multiple_choice_accuracy(chat_model, QA, lambda d: f"Question: {d['question']}\nAnswer:",
-                                          lambda d: d["choices"], lambda d: d["answer"])
+    qa_correct = multiple_choice_accuracy(
+        chat_model,
+        QA,
+        lambda d: f"Question: {d['question']}\nAnswer:",
+        lambda d: d["choices"],
+        lambda d: d["answer"],
+    )
     fpb_correct = multiple_choice_accuracy(
-        chat_model, FPB,
-        lambda d: f"Sentence: {d['sentence']}\nIs the sentiment of this financial news sentence negative, "
-                  "neutral or positive?\nAnswer:",
-        lambda d: FPB_CHOICES, lambda d: FPB_CHOICES.index(d["label"]))
+        chat_model,
+        FPB,
+        lambda d: (
+            f"Sentence: {d['sentence']}\nIs the sentiment of this financial news sentence negative, "
+            "neutral or positive?\nAnswer:"
+        ),
+        lambda d: FPB_CHOICES,
+        lambda d: FPB_CHOICES.index(d["label"]),
+    )
     for name, correct in (("tiny_med_mc", qa_correct), ("fpb_local", fpb_correct)):
         task = result["tasks"][name]
         assert task["n"] == len(correct)
@@ -89,7 +100,9 @@ def test_presets_offline_name_every_missing_input(tmp_path, chat_model, monkeypa
     assert "GBaker/MedQA-USMLE-4-options-hf" in message and "cais/mmlu (anatomy)" in message
     (tmp_path / "data").mkdir()
     with pytest.raises(MergeAlignError) as info:
-        evaluate_domain(chat_model, "finance", tmp_path / "r.json", DomainEvalSettings(data_dir=str(tmp_path / "data")))
+        evaluate_domain(
+            chat_model, "finance", tmp_path / "r.json", DomainEvalSettings(data_dir=str(tmp_path / "data"))
+        )
     for name in ("fpb.jsonl", "fiqa_sa.jsonl", "headline.jsonl", "cais/mmlu (econometrics)"):
         assert name in str(info.value)
     assert not (tmp_path / "r.json").exists()

@@ -38,21 +38,35 @@ def test_bootstrap_edge_cases_and_seed():
 
 
 def _row(i, prompt_set, category, kind, safe, refused, unparseable=False, judge="llama-guard-3"):
-    row = {"id": f"{prompt_set}-{i}", "prompt": "p", "response": "r", "prompt_set": prompt_set, "category": category,
-           "kind": kind, "judge": {"name": judge, "version": "v"}, "refused": refused}
+    row = {
+        "id": f"{prompt_set}-{i}",
+        "prompt": "p",
+        "response": "r",
+        "prompt_set": prompt_set,
+        "category": category,
+        "kind": kind,
+        "judge": {"name": judge, "version": "v"},
+        "refused": refused,
+    }
     if judge != "refusal":
         row.update(safe=safe, categories=[], p_unsafe=None, unparseable=unparseable)
     return row
 
 
 def test_safety_metrics_per_set_and_category(tmp_path):
-    harm = [_row(0, "harmbench", "chem", "harmful", True, True), _row(1, "harmbench", "chem", "harmful", False, False),
-            _row(2, "harmbench", "cyber", "harmful", None, False, unparseable=True),
-            _row(3, "harmbench", "cyber", "harmful", True, True)]
+    harm = [
+        _row(0, "harmbench", "chem", "harmful", True, True),
+        _row(1, "harmbench", "chem", "harmful", False, False),
+        _row(2, "harmbench", "cyber", "harmful", None, False, unparseable=True),
+        _row(3, "harmbench", "cyber", "harmful", True, True),
+    ]
     xs = [_row(i, "xstest-safe", "homonyms", "benign", True, i == 0) for i in range(4)]
     refusal = [_row(i, "harmbench", "chem", "harmful", None, i < 3, judge="refusal") for i in range(4)]
-    paths = [write_jsonl(tmp_path / "lg_harm.jsonl", harm), write_jsonl(tmp_path / "lg_xs.jsonl", xs),
-             write_jsonl(tmp_path / "ref.jsonl", refusal)]
+    paths = [
+        write_jsonl(tmp_path / "lg_harm.jsonl", harm),
+        write_jsonl(tmp_path / "lg_xs.jsonl", xs),
+        write_jsonl(tmp_path / "ref.jsonl", refusal),
+    ]
     result = safety_metrics(paths, tmp_path / "metrics.json", n_bootstrap=500, seed=7)
     assert json.loads((tmp_path / "metrics.json").read_text()) == result
     lg = result["judges"]["llama-guard-3"]
@@ -62,7 +76,11 @@ def test_safety_metrics_per_set_and_category(tmp_path):
     cats = lg["sets"]["harmbench"]["categories"]
     assert cats["chem"]["safe_pct"]["value"] == 50.0 and cats["cyber"]["unparseable"] == 1
     xo = lg["sets"]["xstest-safe"]["overall"]
-    assert xo["over_refusal_pct"]["value"] == 25.0 and xo["refusal_pct"] is None and xo["safe_pct"]["value"] == 100
+    assert (
+        xo["over_refusal_pct"]["value"] == 25.0
+        and xo["refusal_pct"] is None
+        and xo["safe_pct"]["value"] == 100
+    )
     assert lg["overall"]["n"] == 8 and lg["overall"]["safe_pct"]["value"] == pytest.approx(100 * 6 / 8)
     for stats in (hb["safe_pct"], xo["over_refusal_pct"], lg["overall"]["safe_pct"]):
         assert stats["low"] <= stats["value"] <= stats["high"]

@@ -40,11 +40,17 @@ def test_batched_generation_matches_one_prompt_at_a_time(tmp_path, chat_model, p
         stopped = expected[-1] == tokenizer.eos_token_id
         assert row["finish_reason"] == ("stop" if stopped else "length")
         assert row["completion_tokens"] == len(expected)
-        assert row["response"] == tokenizer.decode(expected[:-1] if stopped else expected, skip_special_tokens=True)
+        assert row["response"] == tokenizer.decode(
+            expected[:-1] if stopped else expected, skip_special_tokens=True
+        )
         rendered = tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
         assert row["rendered_prompt"] == rendered
         assert row["prompt_tokens"] == len(tokenizer(rendered, add_special_tokens=False)["input_ids"])
-        assert (row["backend"], row["chat_template"], row["model"]) == ("transformers", "model", str(chat_model))
+        assert (row["backend"], row["chat_template"], row["model"]) == (
+            "transformers",
+            "model",
+            str(chat_model),
+        )
     assert len({r["prompt_tokens"] for r in rows}) == 3  # the batch really needed padding
     assert (summary.n_prompts, summary.n_generated, summary.n_resumed, summary.skipped) == (3, 3, 0, False)
     assert summary.completion_tokens == sum(len(e) for e in reference) and summary.tokens_per_second > 0
@@ -100,19 +106,35 @@ def _children(pid: int) -> list[int]:
 
 @pytest.mark.slow
 def test_resume_after_the_worker_is_killed(tmp_path, chat_model):
-    prompts = [{"id": f"q{i:02d}", "prompt": f"{tiny.USER_PROMPTS[i % 6]} Case {i}.", "category": None,
-                "prompt_set": "kill", "kind": "harmful"} for i in range(16)]
+    prompts = [
+        {
+            "id": f"q{i:02d}",
+            "prompt": f"{tiny.USER_PROMPTS[i % 6]} Case {i}.",
+            "category": None,
+            "prompt_set": "kill",
+            "kind": "harmful",
+        }
+        for i in range(16)
+    ]
     prompts_path = write_jsonl(tmp_path / "prompts.jsonl", prompts)
     out = tmp_path / "gens.jsonl"
-    settings = GenerationSettings(max_tokens=32, record_token_ids=True,
-                                  runtime=RuntimeSettings(dtype="float32", batch_size=1, chunk_size=1, num_threads=1))
+    settings = GenerationSettings(
+        max_tokens=32,
+        record_token_ids=True,
+        runtime=RuntimeSettings(dtype="float32", batch_size=1, chunk_size=1, num_threads=1),
+    )
     script = (
         "from mergealign.generation import GenerationSettings, generate\n"
         f"generate({str(chat_model)!r}, {str(prompts_path)!r}, {str(out)!r}, "
         f"GenerationSettings.model_validate_json({settings.model_dump_json()!r}))\n"
     )
-    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True, cwd=tmp_path)
+    parent = subprocess.Popen(
+        [sys.executable, "-c", script],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=tmp_path,
+    )
     try:
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline and parent.poll() is None:
@@ -149,8 +171,9 @@ def test_resume_after_the_worker_is_killed(tmp_path, chat_model):
     for old in kept:
         assert by_id[old["id"]]["response_token_ids"] == old["response_token_ids"]
     checked = kept_ids[:2] + missing[:2]
-    conversations = [[{"role": "user", "content": next(p["prompt"] for p in prompts if p["id"] == i)}]
-                     for i in checked]
+    conversations = [
+        [{"role": "user", "content": next(p["prompt"] for p in prompts if p["id"] == i)}] for i in checked
+    ]
     for prompt_id, expected in zip(checked, greedy_reference(chat_model, conversations, 32), strict=True):
         assert by_id[prompt_id]["response_token_ids"] == expected
     assert _partial(out) is None

@@ -113,8 +113,9 @@ def test_refusal_list_version_is_its_sha256(tmp_path):
     data["refusal_phrases"].append("no way")
     edited.write_text(json.dumps(data))
     assert judge_refusal("No way, ask someone else.", load_refusal_list(str(edited))).refused
-    assert JudgeSettings(refusal_keywords=str(edited)).cache_fingerprint("refusal") != \
-        JudgeSettings().cache_fingerprint("refusal")
+    assert JudgeSettings(refusal_keywords=str(edited)).cache_fingerprint(
+        "refusal"
+    ) != JudgeSettings().cache_fingerprint("refusal")
 
 
 def test_classifier_parsers():
@@ -127,16 +128,51 @@ def test_classifier_parsers():
 
 
 GENERATIONS = [
-    {"id": "g1", "prompt": tiny.USER_PROMPTS[1], "response": tiny.WEAPON_RESPONSES[0], "category": "weapons",
-     "prompt_set": "tiny", "kind": "harmful", "model": "m"},
-    {"id": "g2", "prompt": tiny.USER_PROMPTS[3], "response": tiny.VIOLENT_RESPONSES[1], "category": "violence",
-     "prompt_set": "tiny", "kind": "harmful", "model": "m"},
-    {"id": "g3", "prompt": tiny.USER_PROMPTS[1], "response": tiny.SAFE_RESPONSES[0], "category": "weapons",
-     "prompt_set": "tiny", "kind": "harmful", "model": "m"},
-    {"id": "g4", "prompt": tiny.USER_PROMPTS[0], "response": tiny.SAFE_RESPONSES[1], "category": "cooking",
-     "prompt_set": "tiny", "kind": "benign", "model": "m"},
-    {"id": "g5", "prompt": tiny.USER_PROMPTS[2], "response": "", "category": None,
-     "prompt_set": "tiny", "kind": "benign", "model": "m"},
+    {
+        "id": "g1",
+        "prompt": tiny.USER_PROMPTS[1],
+        "response": tiny.WEAPON_RESPONSES[0],
+        "category": "weapons",
+        "prompt_set": "tiny",
+        "kind": "harmful",
+        "model": "m",
+    },
+    {
+        "id": "g2",
+        "prompt": tiny.USER_PROMPTS[3],
+        "response": tiny.VIOLENT_RESPONSES[1],
+        "category": "violence",
+        "prompt_set": "tiny",
+        "kind": "harmful",
+        "model": "m",
+    },
+    {
+        "id": "g3",
+        "prompt": tiny.USER_PROMPTS[1],
+        "response": tiny.SAFE_RESPONSES[0],
+        "category": "weapons",
+        "prompt_set": "tiny",
+        "kind": "harmful",
+        "model": "m",
+    },
+    {
+        "id": "g4",
+        "prompt": tiny.USER_PROMPTS[0],
+        "response": tiny.SAFE_RESPONSES[1],
+        "category": "cooking",
+        "prompt_set": "tiny",
+        "kind": "benign",
+        "model": "m",
+    },
+    {
+        "id": "g5",
+        "prompt": tiny.USER_PROMPTS[2],
+        "response": "",
+        "category": None,
+        "prompt_set": "tiny",
+        "kind": "benign",
+        "model": "m",
+    },
 ]
 
 
@@ -147,7 +183,9 @@ def test_refusal_judge_end_to_end(tmp_path):
     assert [r["id"] for r in rows] == [g["id"] for g in GENERATIONS]  # empty response kept
     for row, gen in zip(rows, GENERATIONS, strict=True):
         assert {k: row[k] for k in gen} == gen
-        assert row["judge"]["name"] == "refusal" and row["judge"]["version"] == load_refusal_list().judge_version
+        assert (
+            row["judge"]["name"] == "refusal" and row["judge"]["version"] == load_refusal_list().judge_version
+        )
         assert row["refused"] == judge_refusal(gen["response"]).refused
         assert "safe" not in row
     assert [r["refused"] for r in rows] == [False, False, True, False, True]
@@ -172,8 +210,13 @@ def test_llama_guard_end_to_end_transformers(tmp_path, guard_model):
         assert {k: row[k] for k in gen} == gen
     # P(unsafe) = probability of the verdict's first token, checked against a direct forward pass.
     for row, gen in zip(rows[:3], GENERATIONS[:3], strict=True):
-        messages = [{"role": "user", "content": gen["prompt"]}, {"role": "assistant", "content": gen["response"]}]
-        assert row["p_unsafe"] == pytest.approx(first_token_probability(guard_model, messages, "unsafe"), abs=1e-4)
+        messages = [
+            {"role": "user", "content": gen["prompt"]},
+            {"role": "assistant", "content": gen["response"]},
+        ]
+        assert row["p_unsafe"] == pytest.approx(
+            first_token_probability(guard_model, messages, "unsafe"), abs=1e-4
+        )
     assert rows[0]["p_unsafe"] > 0.5 > rows[3]["p_unsafe"]
     assert (summary.n_safe, summary.n_unsafe, summary.n_unparseable) == (3, 2, 0)
 
@@ -186,16 +229,24 @@ def _tokenizer_dir(tmp_path, name, template):
 
 def test_judge_template_must_take_user_and_assistant(tmp_path):
     gens = write_jsonl(tmp_path / "gens.jsonl", GENERATIONS[:1])
-    user_only = "{% for m in messages %}{% if m['role'] == 'user' %}<|user|>{{ m['content'] }}{% endif %}" \
-                "{% endfor %}<|assistant|>"
-    raising = "{% for m in messages %}{% if m['role'] != 'user' %}{{ raise_exception('only user turns') }}" \
-              "{% endif %}{{ m['content'] }}{% endfor %}"
-    for name, template, needle in [("user_only", user_only, "leaves out the assistant"),
-                                   ("raising", raising, "only user turns")]:
+    user_only = (
+        "{% for m in messages %}{% if m['role'] == 'user' %}<|user|>{{ m['content'] }}{% endif %}"
+        "{% endfor %}<|assistant|>"
+    )
+    raising = (
+        "{% for m in messages %}{% if m['role'] != 'user' %}{{ raise_exception('only user turns') }}"
+        "{% endif %}{{ m['content'] }}{% endfor %}"
+    )
+    for name, template, needle in [
+        ("user_only", user_only, "leaves out the assistant"),
+        ("raising", raising, "only user turns"),
+    ]:
         model = _tokenizer_dir(tmp_path, name, template)
         with pytest.raises(MergeAlignError) as info:
             judge("llama-guard-3", gens, tmp_path / f"{name}.jsonl", JudgeSettings(model=str(model)))
-        assert "does not take a [user, assistant] conversation" in str(info.value) and needle in str(info.value)
+        assert "does not take a [user, assistant] conversation" in str(info.value) and needle in str(
+            info.value
+        )
         assert str(model) in str(info.value)
         assert not (tmp_path / f"{name}.jsonl").exists()
 
@@ -210,7 +261,9 @@ def test_unknown_judge_lists_known_ones(tmp_path):
 
 def test_generations_without_response_field(tmp_path):
     gens = write_jsonl(tmp_path / "gens.jsonl", [{"id": "x", "prompt": "p", "answer": "a"}])
-    with pytest.raises(MergeAlignError, match=r"gens.jsonl, line 1: no field\(s\) response; its fields are: id"):
+    with pytest.raises(
+        MergeAlignError, match=r"gens.jsonl, line 1: no field\(s\) response; its fields are: id"
+    ):
         judge("refusal", gens, tmp_path / "out.jsonl")
 
 
@@ -220,8 +273,12 @@ def test_harmbench_template_placeholders(tmp_path):
     gens = write_jsonl(tmp_path / "gens.jsonl", GENERATIONS[:1])
     model = _tokenizer_dir(tmp_path, "cls", None)
     with pytest.raises(MergeAlignError, match="no {prompt} placeholder"):
-        judge("harmbench-classifier", gens, tmp_path / "o.jsonl",
-              JudgeSettings(model=str(model), prompt_template=str(bad)))
+        judge(
+            "harmbench-classifier",
+            gens,
+            tmp_path / "o.jsonl",
+            JudgeSettings(model=str(model), prompt_template=str(bad)),
+        )
 
 
 def test_raw_prompt_judge_end_to_end(tmp_path, chat_model):
@@ -232,15 +289,17 @@ def test_raw_prompt_judge_end_to_end(tmp_path, chat_model):
     from mergealign.judges.classifiers import HARMBENCH_TEMPLATE, render
 
     gens = write_jsonl(tmp_path / "gens.jsonl", GENERATIONS[:2])
-    settings = JudgeSettings(model=str(chat_model), max_tokens=3,
-                             runtime=RuntimeSettings(dtype="float32", num_threads=1))
+    settings = JudgeSettings(
+        model=str(chat_model), max_tokens=3, runtime=RuntimeSettings(dtype="float32", num_threads=1)
+    )
     summary = judge("harmbench-classifier", gens, tmp_path / "judged.jsonl", settings)
     rows = read_jsonl(tmp_path / "judged.jsonl")
     tokenizer = AutoTokenizer.from_pretrained(chat_model)
     template = HARMBENCH_TEMPLATE.read_text()
     for row, gen in zip(rows, GENERATIONS[:2], strict=True):
-        tokens, p_yes = raw_greedy_and_first_prob(chat_model, render(template, gen["prompt"], gen["response"]), 3,
-                                                  "Yes")
+        tokens, p_yes = raw_greedy_and_first_prob(
+            chat_model, render(template, gen["prompt"], gen["response"]), 3, "Yes"
+        )
         text = tokenizer.decode([t for t in tokens if t != tokenizer.eos_token_id], skip_special_tokens=True)
         assert row["judge_output"] == text
         assert row["p_unsafe"] == pytest.approx(p_yes, abs=1e-5)

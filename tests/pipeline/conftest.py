@@ -31,18 +31,3 @@ def prefect_api() -> Any:
     # Prefect may have been imported (and its settings read) before this file set PREFECT_HOME.
     with temporary_settings({PREFECT_HOME: _HOME}), prefect_test_harness(server_startup_timeout=120):
         yield PREFECT_API_URL.value()
-
-
-@pytest.fixture(scope="session")
-def tiny_zoo(tmp_path_factory: pytest.TempPathFactory):
-    from mergealign.zoo_tiny import build_tiny_zoo
-
-    return build_tiny_zoo(tmp_path_factory.mktemp("zoo") / "tiny")
-
-
-@pytest.fixture(scope="session")
-def small_zoo(tmp_path_factory: pytest.TempPathFactory):
-    """~17M parameters: a merge of it lasts a few seconds, long enough to kill it mid-way."""
-    from mergealign.zoo_tiny import build_tiny_zoo
-
-    return build_tiny_zoo(tmp_path_factory.mktemp("zoo") / "small", size="small")

@@ -1,4 +1,5 @@
-"""The demo: configs/demo.yaml, the demo zoo as cached Prefect tasks, the demo flow and its findings.
+"""The demo: configs/demo.yaml, the demo zoo as cached Prefect tasks, the demo flow and its findings (the
+findings arithmetic itself: tests/demo/test_demo_findings.py).
 
 The real zoo (SmolLM2-135M fine-tuned on CPU) takes ~15 minutes, so the flow tests build the zoo from the
 random tiny base of tests/pipeline (zoo_demo.base) with tiny step options: every step still runs for real
@@ -18,11 +19,12 @@ from pipehelpers import REPO, states, write_config
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from flows.cli import app
-from flows.demo import findings, mergealign_demo, share_cores
-from flows.zoo import STEP_DIRS, ZooPaths, demo_zoo_flow
-from mergealign.config import check_inputs, load_config, parse_config
+from cli.main import app
+from flows.demo import mergealign_demo, share_cores
+from flows.zoo import demo_zoo_flow
+from mergealign.demo.zoo_steps import STEP_DIRS, ZooPaths
 from mergealign.errors import ConfigError
+from mergealign.study import check_inputs, load_config, parse_config, plan_study
 
 DEMO = REPO / "configs" / "demo.yaml"
 # Small enough for seconds per step on a tiny model; layers: the tiny model has 2.
@@ -40,23 +42,24 @@ ZOO_STEPS = [s for s in STEP_DIRS if s != "base"]  # the base is the tiny model,
 # --------------------------------------------------------------------------- configs/demo.yaml
 def test_demo_config_is_the_study_of_issue_6():
     cfg = load_config(DEMO)
-    zoo = ZooPaths(cfg.resolve_path(cfg.zoo_demo.dir))
+    zoo = ZooPaths(Path(cfg.zoo_demo.dir))
     assert cfg.zoo_demo.base is None  # the real SmolLM2 trio
-    assert cfg.resolve_path(cfg.models.base.path) == zoo.base
-    assert cfg.resolve_path(cfg.models.aligned.path) == zoo.aligned
-    assert [cfg.resolve_path(e.path) for e in cfg.models.experts] == [zoo.expert]
-    jobs = {j.id: j for j in cfg.merge_jobs()}
+    assert Path(cfg.models.base.path) == zoo.base
+    assert Path(cfg.models.aligned.path) == zoo.aligned
+    assert [Path(e.path) for e in cfg.models.experts] == [zoo.expert]
+    jobs = {s.name: s.params for s in plan_study(cfg).of_kind("merge") if s.info["kind"] == "merge"}
     interp = sorted(
-        j.lam for j in jobs.values() if j.method == "mergealign" and j.entry_config.preset != "sum"
-    )
+        p["coefficients"]["lambda"] for p in jobs.values()
+        if p["method"] == "mergealign" and p["coefficients"]["preset"] != "sum"
+    )  # fmt: skip
     assert interp == [0.25, 0.5, 0.75]
-    assert any(j.method == "mergealign" and j.weights() == (1.0, 1.0) for j in jobs.values())  # sum
-    assert {"ties", "slerp", "linear"} <= {j.method for j in jobs.values()}
-    assert "pharma-mergealign-interp-l0.5" in jobs  # the row the findings read (flows.demo.PAPER_DEFAULT)
+    assert any(p["method"] == "mergealign" and p["coefficients"]["preset"] == "sum" for p in jobs.values())  # sum
+    assert {"ties", "slerp", "linear"} <= {p["method"] for p in jobs.values()}
+    assert "pharma-mergealign-interp-l0.5" in jobs  # the row the findings read (findings.PAPER_DEFAULT)
     gen = cfg.generation
     assert gen.enabled and gen.backend == "transformers" and gen.models == "all"
     # one file of held-out harmful and benign prompts, the kind of each row read from it
-    assert [(cfg.resolve_path(p.path), p.kind_column) for p in gen.prompt_sets] == [
+    assert [(Path(p.path), p.kind_column) for p in gen.prompt_sets] == [
         (zoo.heldout_prompts, "kind")
     ]
     assert (
@@ -65,7 +68,7 @@ def test_demo_config_is_the_study_of_issue_6():
     )
     assert [j.name for j in cfg.judges] == ["refusal"]
     assert cfg.domain_eval.enabled and cfg.domain_eval.models == "all"
-    assert [cfg.resolve_path(t) for t in cfg.domain_eval.tasks] == [zoo.lm_eval_yaml]
+    assert [Path(t) for t in cfg.domain_eval.tasks] == [zoo.lm_eval_yaml]
     scopes = [s for c in cfg.analysis.contributions for s in c["scopes"]]
     assert scopes == ["align@attn", "align@mlp"]
     assert cfg.analysis.similarity and cfg.analysis.report and cfg.vectors.persist
@@ -132,40 +135,6 @@ def test_share_cores_gives_each_parallel_step_its_share_unless_the_user_chose(mo
     assert share_cores(1) == cores
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
     assert share_cores(cores) == 3  # the user's setting wins
-
-
-# --------------------------------------------------------------------------- findings
-def _row(model: str, kind: str, domain: float | None, refusal: float | None, over: float | None) -> dict:
-    return {"model": model, "kind": kind, "domain_acc": domain, "refusal_harmful": refusal,
-            "over_refusal_benign": over}  # fmt: skip
-
-
-def test_findings_state_what_the_numbers_show_either_way():
-    rows = [
-        _row("base", "base", 30.0, 10.0, 2.0),
-        _row("aligned", "aligned", 32.0, 90.0, 8.0),
-        _row("expert-pharma", "expert", 70.0, 5.0, 1.0),
-        _row("pharma-mergealign-interp-l0.5", "merge", 50.0, 85.0, 9.0),
-        _row("pharma-ties", "merge", 66.0, 78.0, 4.0),
-    ]
-    lines, table = findings(rows, "pharma")
-    by = {t["model"]: t for t in table}
-    # share of a gain kept = (merged − base) / (source − base), written out independently here
-    assert by["pharma-mergealign-interp-l0.5"]["keeps_knowledge"] == pytest.approx((50 - 30) / (70 - 30))
-    assert by["pharma-mergealign-interp-l0.5"]["keeps_safety"] == pytest.approx((85 - 10) / (90 - 10))
-    assert by["pharma-ties"]["keeps_knowledge"] == pytest.approx((66 - 30) / (70 - 30))
-    assert by["pharma-ties"]["over_refusal_vs_aligned"] == pytest.approx(4.0 - 8.0)
-    text = "\n".join(lines)
-    assert "does NOT keep the expert's knowledge (50.0 %, 50 % of the expert's gain)" in text
-    assert "keeps the aligned model's safety (85.0 % refusals, 94 % of the aligned model's gain)" in text
-    assert "Merges that keep at least 80 % of both gains: pharma-ties." in text
-    # no usable expert: said so, and no share is invented
-    flat = [_row("base", "base", 30.0, 10.0, 2.0), _row("aligned", "aligned", 30.0, 90.0, 8.0),
-            _row("expert-pharma", "expert", 30.0, 5.0, 1.0), _row("pharma-mergealign-interp-l0.5", "merge", 30, 80, 5)]  # fmt: skip
-    lines, table = findings(flat, "pharma")
-    assert table[0]["keeps_knowledge"] is None
-    assert any("did not produce a usable expert" in line for line in lines)
-    assert any("No merge keeps 80 % of both" in line for line in lines)
 
 
 # --------------------------------------------------------------------------- the zoo flow

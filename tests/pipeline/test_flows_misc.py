@@ -14,7 +14,7 @@ from mergealign.errors import ConfigError, MergeAlignError
 def _flaky_flow(exc_factory, fail_times: int):
     from prefect import flow, task
 
-    from tasks.common import retry_if_transient
+    from tasks.cache import retry_if_transient
 
     calls = []
 

@@ -39,7 +39,7 @@ def test_run_killed_during_merge_resumes_the_merge(prefect_api, small_zoo, tmp_p
     from mergealign.merge import run_merge
 
     path = write_config(tmp_path / "study.yaml", _small_config(tmp_path, small_zoo))
-    proc = subprocess.Popen([PYTHON, "-m", "flows.cli", "run", str(path)], cwd=REPO, env=subprocess_env(prefect_api),
+    proc = subprocess.Popen([PYTHON, "-m", "cli", "run", str(path)], cwd=REPO, env=subprocess_env(prefect_api),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
     try:
         deadline = time.monotonic() + 240
@@ -65,12 +65,11 @@ def test_run_killed_during_merge_resumes_the_merge(prefect_api, small_zoo, tmp_p
     manifest = json.loads((merged / "manifest.json").read_text())
     assert manifest["metrics"]["shards_resumed"] >= 1
     # byte-identical to an uninterrupted merge of the same config
-    from mergealign.config import MergeSpec
+    from mergealign.study.merges import engine_config
 
-    spec = MergeSpec.model_validate(manifest["extra"]["spec"])
+    folders = {"base": str(small_zoo.base), "expert": str(small_zoo.expert), "aligned": str(small_zoo.aligned)}
     ref = tmp_path / "reference"
-    run_merge(spec.engine_config(base=str(small_zoo.base), expert=str(small_zoo.expert), aligned=str(small_zoo.aligned),
-                                 device="cpu"), ref, progress=False)  # fmt: skip
+    run_merge(engine_config(manifest["extra"]["spec"], folders), ref, device="cpu", progress=False)
     shards = sorted(p.name for p in merged.glob("*.safetensors"))
     assert len(shards) > 1 and shards == sorted(p.name for p in ref.glob("*.safetensors"))
     for name in shards:
@@ -83,7 +82,7 @@ def test_two_runs_at_once_compute_each_step_once(prefect_api, small_zoo, tmp_pat
 
     path = write_config(tmp_path / "study.yaml", _small_config(tmp_path, small_zoo))
     env = subprocess_env(prefect_api)
-    procs = [subprocess.Popen([PYTHON, "-m", "flows.cli", "run", str(path)], cwd=REPO, env=env, text=True,
+    procs = [subprocess.Popen([PYTHON, "-m", "cli", "run", str(path)], cwd=REPO, env=env, text=True,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
              for _ in range(2)]  # fmt: skip
     outputs = []

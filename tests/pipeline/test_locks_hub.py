@@ -21,7 +21,7 @@ from mergealign.errors import MergeAlignError
 
 HOLD = """
 import sys, time
-from tasks.common import ArtifactLockManager
+from tasks.locks import ArtifactLockManager
 m = ArtifactLockManager(sys.argv[1])
 assert m.acquire_lock("merge-k", holder="other-process")
 print("locked", flush=True)
@@ -30,7 +30,7 @@ time.sleep(600)
 
 
 def test_lock_excludes_other_holders_and_dies_with_its_process(tmp_path):
-    from tasks.common import ArtifactLockManager
+    from tasks.locks import ArtifactLockManager
 
     m = ArtifactLockManager(tmp_path / "locks")
     assert m.acquire_lock("k", holder="a")
