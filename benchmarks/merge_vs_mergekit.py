@@ -376,7 +376,9 @@ def main() -> None:
     for method, r2 in big.items():
         base_anon = next((r["ours_anon"] for r in rows if r["method"] == method), None)
         growth = f" ({(r2.peak_anon / base_anon - 1) * 100:+.1f}% vs 22 layers)" if base_anon else ""
-        print(f"\n{method} (mergealign) on the 44-layer (2x) trio: {r2.wall_s:.1f} s, peak RssAnon {gib(r2.peak_anon)}{growth}")
+        print(
+            f"\n{method} (mergealign) on the 44-layer (2x) trio: {r2.wall_s:.1f} s, peak RssAnon {gib(r2.peak_anon)}{growth}"
+        )
     load = os.getloadavg()
     print(f"load average after: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
 

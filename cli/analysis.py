@@ -57,7 +57,7 @@ def similarity(
 
 @app.command("report")
 def report(
-    run_dir: Path = typer.Argument(..., help="results folder (layout: see mergealign.report)"),
+    run_dir: Path = typer.Argument(..., help="results folder (layout: see mergealign.report.results)"),
     out: Path = typer.Option(None, "--out", help="report folder (default RUN_DIR/report)"),
     embed_images: bool = typer.Option(True, "--embed/--no-embed", help="embed PNGs in report.html as base64"),
 ) -> None:

@@ -42,7 +42,9 @@ def run(
 @app.command("validate")
 def validate(
     config: Path = typer.Argument(..., help="run config (YAML)"),
-    as_json: bool = typer.Option(False, "--json", help="the plan as JSON (steps, inputs, parameters, finished)"),
+    as_json: bool = typer.Option(
+        False, "--json", help="the plan as JSON (steps, inputs, parameters, finished)"
+    ),
 ) -> None:
     """Check a run config (every problem at once, exit 2) and list what a run would do."""
     import json
@@ -74,7 +76,10 @@ def validate(
     done = sum(1 for v in finished.values() if v)
     state = f", {done} finished" if finished else ""
     typer.echo(f"\n{len(plan.steps)} steps{state}:")
-    rows = [(s.id, _inputs_text(s), "" if not finished else ("yes" if finished[s.id] else "no")) for s in plan.steps]
+    rows = [
+        (s.id, _inputs_text(s), "" if not finished else ("yes" if finished[s.id] else "no"))
+        for s in plan.steps
+    ]
     width = [max(len(r[i]) for r in rows) for i in range(2)]
     typer.echo(f"  {'step':<{width[0]}}  {'inputs':<{width[1]}}  {'finished' if finished else ''}".rstrip())
     for sid, inputs, fin in rows:

@@ -12,7 +12,6 @@ by the measured numbers, whichever way they go.
 from __future__ import annotations
 
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ from typing import Any
 from prefect import flow
 
 from mergealign.demo.zoo_steps import zoo_is_complete
+from mergealign.devices import share_cores
 from mergealign.errors import ConfigError
 from mergealign.study import load_config
 from tasks.runtime import run_logger
@@ -27,17 +27,6 @@ from tasks.runtime import run_logger
 log = logging.getLogger(__name__)
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
-
-
-# --------------------------------------------------------------------------- the flow
-def share_cores(workers: int) -> int:
-    """Give each of `workers` parallel steps cores // workers torch threads in the child processes it starts
-    (generation, lm-eval), unless OMP_NUM_THREADS is set already. torch's OpenMP threads spin-wait: with two
-    2-thread workers on 2 cores one generation measured 3.4x the CPU time of a single-threaded one (62 s vs 18 s)."""
-    threads = max(1, (os.cpu_count() or 1) // max(1, workers))
-    os.environ.setdefault("OMP_NUM_THREADS", str(threads))
-    os.environ.setdefault("MKL_NUM_THREADS", os.environ["OMP_NUM_THREADS"])
-    return int(os.environ["OMP_NUM_THREADS"])
 
 
 @flow(name="mergealign-demo", log_prints=True)

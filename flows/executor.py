@@ -83,7 +83,9 @@ class PlanRun:
                 wait([self.futures[i] for i in step.input_ids()])
             pins = kind.pin(self.ctx, step, self._memo) if kind.pin is not None else Pins()
             deployment = getattr(self.cfg.execution.deployments, step.kind, None) if allow_remote else None
-            args: dict[str, Any] = dict(ctx=self.ctx, step=step, inputs=self._inputs(step, kind.tolerant), pins=pins)
+            args: dict[str, Any] = dict(
+                ctx=self.ctx, step=step, inputs=self._inputs(step, kind.tolerant), pins=pins
+            )
             if deployment and kind.remote is not None:
                 args.update(deployment=deployment, config=self.cfg.portable())
             after = [self.futures[a] for a in step.after if a in self.futures]
@@ -103,7 +105,9 @@ class PlanRun:
                 manifest = fut.result()
                 row.update(location=manifest.location, seconds=manifest.duration_s, key=manifest.key[:16])
             else:
-                failed.append(f"{step.kind} {step.name}: {state.name} ({(state.message or '').strip()[:300]})")
+                failed.append(
+                    f"{step.kind} {step.name}: {state.name} ({(state.message or '').strip()[:300]})"
+                )
             rows.append(row)
         name = self.cfg.name
         publish_table(rows, key=f"study-{name}", description=f"steps of study {name}")
@@ -111,7 +115,9 @@ class PlanRun:
         run_logger().info("study %s: %d steps, %d cached, %d failed; artifacts under %s", name, len(rows), cached,
                           len(failed), self.ctx.artifact_root)  # fmt: skip
         if failed:
-            raise MergeAlignError(f"study {name}: {len(failed)} step(s) did not finish:\n  - " + "\n  - ".join(failed))
+            raise MergeAlignError(
+                f"study {name}: {len(failed)} step(s) did not finish:\n  - " + "\n  - ".join(failed)
+            )
         out: dict[str, Any] = {"study": name, "artifact_root": self.ctx.artifact_root, "steps": rows}
         report = next((f for sid, f in self.futures.items() if self.plan[sid].kind == "report"), None)
         if report is not None:

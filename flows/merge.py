@@ -21,7 +21,9 @@ def merge_flow(config: dict[str, Any] | str, merges: list[str] | None = None) ->
     known = [s.name for s in run.plan.of_kind("merge")]
     unknown = sorted(set(merges or []) - set(known))
     if unknown:
-        raise ConfigError([f"merges: no merge {u!r} in this config (merges: {', '.join(known)})" for u in unknown])
+        raise ConfigError(
+            [f"merges: no merge {u!r} in this config (merges: {', '.join(known)})" for u in unknown]
+        )
     wanted = [f"merge:{m}" for m in (merges if merges is not None else known)]
     done = run.submit(run.plan.closure(wanted), allow_remote=False)
     summary = run.finish()

@@ -15,7 +15,7 @@ attention). Layer ranges hold transformer blocks only: embeddings, the final nor
 A variant is an ordinary merge config the engine runs: the scoped model's ``weight`` becomes a filter list
 (first match wins) ``[{filter: <module substring>, value: w}, …, {value: 0}]`` or
 ``[{layers: [A, B], value: w}, {value: 0}]``. Module filters are derived from the base model's tensor names and
-checked to select exactly the tensors of the part (mergealign.similarity.module_type), so a substring never
+checked to select exactly the tensors of the part (mergealign.tensor_names.module_type), so a substring never
 catches a neighbour (Qwen3's ``q_norm`` is a norm, not attention).
 
 *λ sweeps* vary λ of the ``interp`` preset (or λ_D or λ_A alone). Names are stable:
@@ -128,7 +128,9 @@ def module_filters(part: str, tensor_names: Iterable[str]) -> list[str]:
     kinds = set(module_parts()[part])
     inside = [n for n in names if module_type(n) in kinds]
     if not inside:
-        raise ConfigError([f"scope part {part!r}: no tensor of the model is of type {', '.join(sorted(kinds))}"])
+        raise ConfigError(
+            [f"scope part {part!r}: no tensor of the model is of type {', '.join(sorted(kinds))}"]
+        )
     filters = sorted({module_key(n) for n in inside})
     wrong = [n for n in names if module_type(n) not in kinds and any(f in n for f in filters)]
     if wrong:
@@ -180,7 +182,9 @@ def merge_label(lambda_domain: float, lambda_alignment: float, method: str = MET
 def _check_base(config: Mapping[str, Any]) -> dict[str, Any]:
     problems = []
     if config.get("merge_method") != METHOD:
-        problems.append(f"merge_method: contribution variants need a {METHOD} merge, got {config.get('merge_method')!r}")
+        problems.append(
+            f"merge_method: contribution variants need a {METHOD} merge, got {config.get('merge_method')!r}"
+        )
     roles = [m.get("role") for m in config.get("models", [])]
     for role in ("domain", "alignment"):
         if roles.count(role) != 1:
@@ -188,7 +192,9 @@ def _check_base(config: Mapping[str, Any]) -> dict[str, Any]:
     for i, m in enumerate(config.get("models", [])):
         w = (m.get("parameters") or {}).get("weight", 1.0)
         if isinstance(w, bool) or not isinstance(w, int | float):
-            problems.append(f"models[{i}].parameters.weight: must be a number for contribution variants, got {w!r}")
+            problems.append(
+                f"models[{i}].parameters.weight: must be a number for contribution variants, got {w!r}"
+            )
     if problems:
         raise ConfigError(problems)
     return copy.deepcopy(dict(config))
@@ -218,7 +224,9 @@ def model_facts(config: Mapping[str, Any]) -> tuple[list[str], int]:
 def base_variant(config: Mapping[str, Any]) -> Variant:
     cfg = _check_base(config)
     lam_d, lam_a = lambdas_of(cfg)
-    return Variant(merge_label(lam_d, lam_a), cfg, "base", lam_d, lam_a, description=_lambda_text(lam_d, lam_a))
+    return Variant(
+        merge_label(lam_d, lam_a), cfg, "base", lam_d, lam_a, description=_lambda_text(lam_d, lam_a)
+    )
 
 
 def _lambda_text(lam_d: float, lam_a: float) -> str:
@@ -226,7 +234,10 @@ def _lambda_text(lam_d: float, lam_a: float) -> str:
 
 
 def lambda_sweep(
-    config: Mapping[str, Any], lambdas: Sequence[float], *, vary: Literal["interp", "domain", "alignment"] = "interp"
+    config: Mapping[str, Any],
+    lambdas: Sequence[float],
+    *,
+    vary: Literal["interp", "domain", "alignment"] = "interp",
 ) -> list[Variant]:
     """One variant per λ: ``interp`` sets λ_D = λ, λ_A = 1 − λ; ``domain`` / ``alignment`` set that vector's
     λ and keep the other from the base config."""
@@ -235,9 +246,11 @@ def lambda_sweep(
     out = []
     for lam in lambdas:
         lam = float(lam)
-        params = {k: v for k, v in (cfg.get("parameters") or {}).items() if k not in ("lambda", "preset",
-                                                                                      "lambda_domain",
-                                                                                      "lambda_alignment")}
+        params = {
+            k: v
+            for k, v in (cfg.get("parameters") or {}).items()
+            if k not in ("lambda", "preset", "lambda_domain", "lambda_alignment")
+        }
         if vary == "interp":
             lam_d, lam_a = lam, 1.0 - lam
             params.update(preset="interp", **{"lambda": lam})
@@ -251,8 +264,16 @@ def lambda_sweep(
             raise ConfigError([f"vary: must be interp, domain or alignment, got {vary!r}"])
         new = copy.deepcopy(cfg)
         new["parameters"] = params
-        out.append(Variant(merge_label(lam_d, lam_a), new, "lambda", lam_d, lam_a,
-                           description=f"λ sweep ({vary}): {_lambda_text(lam_d, lam_a)}"))
+        out.append(
+            Variant(
+                merge_label(lam_d, lam_a),
+                new,
+                "lambda",
+                lam_d,
+                lam_a,
+                description=f"λ sweep ({vary}): {_lambda_text(lam_d, lam_a)}",
+            )
+        )
     return out
 
 
@@ -307,7 +328,8 @@ def contribution_variants(
         tensor_names = tensor_names if tensor_names is not None else names_found
         n_layers = n_layers if n_layers is not None else layers_found
     out = [
-        scope_variant(cfg, s, tensor_names=tensor_names, n_layers=n_layers) for s in (scopes or DEFAULT_SCOPES)
+        scope_variant(cfg, s, tensor_names=tensor_names, n_layers=n_layers)
+        for s in (scopes or DEFAULT_SCOPES)
     ]
     names = [v.name for v in out]
     dupes = sorted({n for n in names if names.count(n) > 1})
@@ -366,7 +388,11 @@ class ContributionEntry(BaseModel):
         return v
 
     def variants(
-        self, config: Mapping[str, Any], *, tensor_names: Sequence[str] | None = None, n_layers: int | None = None
+        self,
+        config: Mapping[str, Any],
+        *,
+        tensor_names: Sequence[str] | None = None,
+        n_layers: int | None = None,
     ) -> list[Variant]:
         """All variants of this entry for a mergealign engine config (its own λ settings are replaced)."""
         cfg = _check_base(config)

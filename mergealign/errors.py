@@ -53,7 +53,7 @@ def did_you_mean(name: str, known: Iterable[str], *, n: int = 1, cutoff: float =
 
 
 def unknown_name(what: str, name: str, known: Iterable[str], *, cutoff: float = 0.6) -> str:
-    """"unknown <what> 'x' (did you mean 'y'?); known: a, b, c" — the one wording of a bad name."""
+    """ "unknown <what> 'x' (did you mean 'y'?); known: a, b, c" — the one wording of a bad name."""
     known = sorted(known)
     listed = ", ".join(known) or "none"
     return f"unknown {what} {name!r}{did_you_mean(name, known, cutoff=cutoff)}; known: {listed}"

@@ -10,9 +10,10 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import math
 import os
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +59,17 @@ def canonical_json(value: Any) -> str:
     Pydantic models, paths and sets are written as plain values."""
     return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False,
                       default=_json_default)  # fmt: skip
+
+
+def json_safe(value: Any) -> Any:
+    """A value with non-finite floats (NaN, ±Inf) as None, so it is valid JSON; mappings' keys as strings."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, Mapping):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(v) for v in value]
+    return value
 
 
 def sha256_json(value: Any) -> str:
@@ -157,7 +169,9 @@ def iter_jsonl(path: str | os.PathLike[str]) -> Iterator[dict[str, Any]]:
             except json.JSONDecodeError as exc:
                 raise MergeAlignError(f"{path}, line {number}: not valid JSON ({exc.msg})") from None
             if not isinstance(row, dict):
-                raise MergeAlignError(f"{path}, line {number}: expected a JSON object, got {type(row).__name__}")
+                raise MergeAlignError(
+                    f"{path}, line {number}: expected a JSON object, got {type(row).__name__}"
+                )
             yield row
 
 

@@ -49,7 +49,15 @@ _MODULE_RULES: tuple[tuple[str, re.Pattern[str]], ...] = (
     ("mlp_down", re.compile(r"\.(down_proj|w2|fc2|fc_out|mlp\.c_proj|dense_4h_to_h)\.")),
 )
 # Tensors with one row per vocabulary entry (input embeddings and output heads).
-VOCAB_NAME_PARTS = ("embed_tokens", "lm_head", "wte", "embed_in", "embed_out", "word_embeddings", "output.weight")
+VOCAB_NAME_PARTS = (
+    "embed_tokens",
+    "lm_head",
+    "wte",
+    "embed_in",
+    "embed_out",
+    "word_embeddings",
+    "output.weight",
+)
 TIED_HEADS = ("lm_head.weight",)
 
 

@@ -6,6 +6,8 @@
 - Llama (untied lm_head) or Qwen2 (tied embeddings); size "tiny": hidden 64, 2 attention heads of head_dim 32
   (vLLM's CPU backend needs head_dim >= 32), 1 KV head, 2 layers, intermediate 128; size "small": hidden 512,
   16 heads, 4 layers (~17M parameters); vocab = the tokenizer's 320 entries.
+- `build_model` also takes other sizes (a mapping of the config's size fields) and a `TokenizerSpec` (corpus,
+  special tokens, chat template): the tests build every tiny checkpoint, chat models and judges included, here.
 - aligned = base + N(0, noise²) (seed + 1), expert = base + N(0, noise²) (seed + 2), in float32, stored in
   `dtype`. Same arguments give byte-identical weight files.
 - Each directory is a normal Hugging Face model: model.safetensors, config.json with "architectures",
@@ -21,6 +23,7 @@ import logging
 import os
 import shutil
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,10 +52,11 @@ MARKER = "zoo.json"
 # interrupted in tests; "tiny" (~60k parameters) is for everything else.
 SIZES = {
     "tiny": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2,
-             "num_key_value_heads": 1},
+             "num_key_value_heads": 1, "head_dim": 32},
     "small": {"hidden_size": 512, "intermediate_size": 2048, "num_hidden_layers": 4, "num_attention_heads": 16,
-              "num_key_value_heads": 4},
+              "num_key_value_heads": 4, "head_dim": 32},
 }  # fmt: skip
+SIZE_FIELDS = frozenset(SIZES["tiny"])
 ROLES = ("base", "aligned", "expert")
 
 
@@ -63,48 +67,73 @@ class TinyTrio:
     expert: Path
 
 
-def build_tokenizer(path: str | os.PathLike[str], corpus: list[str] | None = None):
-    """Train a small byte-level BPE tokenizer with a ChatML template on `corpus` (default: ours), save it to
-    `path`, return it."""
+@dataclass(frozen=True)
+class TokenizerSpec:
+    """What `build_tokenizer` trains: a byte-level BPE of `vocab_size` entries on `corpus`, its special tokens
+    (bos / eos / pad / unk name some of them; None leaves one unset) and its chat template (None: none)."""
+
+    corpus: tuple[str, ...] = tuple(_CORPUS)
+    vocab_size: int = VOCAB_SIZE
+    special_tokens: tuple[str, ...] = tuple(SPECIAL_TOKENS)
+    bos_token: str = "<|endoftext|>"
+    eos_token: str = "<|im_end|>"
+    pad_token: str = "<|endoftext|>"
+    unk_token: str | None = "<|endoftext|>"
+    chat_template: str | None = CHAT_TEMPLATE
+    min_frequency: int = 0  # BpeTrainer's default: every pair may merge
+
+
+def build_tokenizer(path: str | os.PathLike[str], spec: TokenizerSpec | None = None):
+    """Train the tokenizer `spec` describes (default: ours, with a ChatML template), save it to `path`,
+    return it."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
+    spec = spec or TokenizerSpec()
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=VOCAB_SIZE,
-        special_tokens=SPECIAL_TOKENS,
+        vocab_size=spec.vocab_size,
+        special_tokens=list(spec.special_tokens),
+        min_frequency=spec.min_frequency,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(corpus or _CORPUS, trainer=trainer)
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token="<|endoftext|>",
-        eos_token="<|im_end|>",
-        pad_token="<|endoftext|>",
-        unk_token="<|endoftext|>",
-    )
-    fast.chat_template = CHAT_TEMPLATE
+    tok.train_from_iterator(list(spec.corpus), trainer=trainer)
+    named = {"bos_token": spec.bos_token, "eos_token": spec.eos_token, "pad_token": spec.pad_token,
+             "unk_token": spec.unk_token}  # fmt: skip
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, **{k: v for k, v in named.items() if v is not None})
+    if spec.chat_template is not None:
+        fast.chat_template = spec.chat_template
     fast.save_pretrained(str(path))
     return fast
 
 
-def _config(arch: str, tokenizer, vocab_size: int | None, size: str = "tiny", max_positions: int = 512):
+def _sizes(size: str | Mapping[str, int]) -> dict[str, int]:
+    if isinstance(size, str):
+        if size not in SIZES:
+            raise ValueError(f"size must be one of {', '.join(SIZES)}, not {size!r}")
+        return dict(SIZES[size])
+    if set(size) != SIZE_FIELDS:
+        raise ValueError(f"a size mapping needs exactly {', '.join(sorted(SIZE_FIELDS))}; got {sorted(size)}")
+    return dict(size)
+
+
+def _config(arch: str, tokenizer, vocab_size: int | None, size: str | Mapping[str, int] = "tiny",
+            max_positions: int = 512, init_std: float | None = None):  # fmt: skip
     from transformers import LlamaConfig, Qwen2Config
 
-    if size not in SIZES:
-        raise ValueError(f"size must be one of {', '.join(SIZES)}, not {size!r}")
     common = dict(
         vocab_size=vocab_size or len(tokenizer),
-        **SIZES[size],
-        head_dim=32,
+        **_sizes(size),
         max_position_embeddings=max_positions,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
+    if init_std is not None:  # else transformers' default (0.02)
+        common["initializer_range"] = init_std
     if arch == "llama":
         return LlamaConfig(tie_word_embeddings=False, **common)
     if arch == "qwen2":
@@ -121,16 +150,19 @@ def build_model(
     from_model: str | os.PathLike[str] | None = None,
     noise: float = 0.02,
     vocab_size: int | None = None,
-    size: str = "tiny",
+    size: str | Mapping[str, int] = "tiny",
     max_shard_size: int | str | None = None,
-    corpus: list[str] | None = None,
+    tokenizer: TokenizerSpec | None = None,
     max_positions: int = 512,
     max_new_tokens: int | None = 32,
+    init_std: float | None = None,
 ) -> Path:
     """One tiny model directory: random from `seed`, or `from_model`'s weights + N(0, noise²) from `seed`.
 
-    `vocab_size` overrides the embedding rows; `max_shard_size` shards the weights (save_pretrained's);
-    `corpus` trains the tokenizer; `max_new_tokens` goes into generation_config.json (None: left out).
+    `size` is a name of SIZES or a mapping of the same fields; `vocab_size` overrides the embedding rows;
+    `max_shard_size` shards the weights (save_pretrained's); `tokenizer` says which tokenizer to train;
+    `max_new_tokens` goes into generation_config.json (None: left out); `init_std` is the random init's
+    standard deviation (initializer_range; None: transformers' default).
     """
     import torch
     from safetensors.torch import load_file
@@ -138,8 +170,8 @@ def build_model(
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_tokenizer(path, corpus)
-    config = _config(arch, tokenizer, vocab_size, size, max_positions)
+    fast = build_tokenizer(path, tokenizer)
+    config = _config(arch, fast, vocab_size, size, max_positions, init_std)
     torch_dtype = getattr(torch, dtype)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config).to(torch_dtype)

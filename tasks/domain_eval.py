@@ -57,7 +57,9 @@ def _build(run: StepRun, staging: Path) -> dict[str, Any]:
         settings = domain_settings(step.params["settings"], _device(run.ctx, step))
         result = evaluate_domain(run.dir("model"), tasks, staging / FILE, settings)
     avg = result.get("average") or {}
-    run.logger.info("domain eval %s: average acc %s over %s task(s)", step.name, avg.get("acc"), avg.get("n_tasks"))
+    run.logger.info(
+        "domain eval %s: average acc %s over %s task(s)", step.name, avg.get("acc"), avg.get("n_tasks")
+    )
     metrics = {"average_acc": avg.get("acc"), "tasks": avg.get("n_tasks")}
     metrics.update({f"acc:{k}": v.get("acc") for k, v in (result.get("tasks") or {}).items()})
     return {"metrics": metrics}

@@ -28,7 +28,9 @@ def generation_settings(gen: Mapping[str, Any], *, chat_template: str | None = N
 
 
 def _build(run: StepRun, staging: Path) -> dict[str, Any]:
-    settings = generation_settings(run.step.params["generation"], chat_template=str(run.dir("template_model")))
+    settings = generation_settings(
+        run.step.params["generation"], chat_template=str(run.dir("template_model"))
+    )
     label = run.step.info["model"]
     summary = generate(run.dir("model"), run.dir("prompts") / "prompts.jsonl", staging / FILE, settings)
     tps = f"{summary.tokens_per_second:.1f}" if summary.tokens_per_second else "n/a"

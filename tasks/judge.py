@@ -38,7 +38,10 @@ def _build(run: StepRun, staging: Path) -> dict[str, Any]:
     if summary.n_safe is not None:
         metrics.update(safe_pct=round(100 * summary.n_safe / n, 2), unparseable=summary.n_unparseable)
     run.logger.info("judge %s on %s: %s", entry["name"], _answers(run.step), metrics)
-    return {"metrics": metrics, "extra": {"judge": entry["name"], "version": summary.version, "model": summary.model}}
+    return {
+        "metrics": metrics,
+        "extra": {"judge": entry["name"], "version": summary.version, "model": summary.model},
+    }
 
 
 def _answers(step: Step) -> str:

@@ -43,8 +43,12 @@ def _build(run: StepRun, staging: Path) -> dict[str, Any]:
             "peak_rss_anon_mib": round(summary.peak_rss_anon_bytes / 2**20, 1),
             "device": summary.device,
         },
-        "extra": {"spec": dict(step.params), "template": merges.template(step.params), "variant": variant,
-                  "engine_config_hash": summary.config_hash},  # fmt: skip
+        "extra": {
+            "spec": dict(step.params),
+            "template": merges.template(step.params),
+            "variant": variant,
+            "engine_config_hash": summary.config_hash,
+        },  # fmt: skip
     }
 
 

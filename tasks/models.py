@@ -76,4 +76,6 @@ def _title(step: Step) -> str:
     return f"Model {step.name}: {source.get('hub') or source.get('path')}"
 
 
-MODELS = register(StepKind("models", "models-1", title=_title, key_params=_key_params, pin=_pin, execute=_execute))
+MODELS = register(
+    StepKind("models", "models-1", title=_title, key_params=_key_params, pin=_pin, execute=_execute)
+)

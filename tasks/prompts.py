@@ -26,7 +26,9 @@ def _pin(ctx: StepContext, step: Step, memo: dict[str, Any]) -> Pins:
 
 def _build(run: StepRun, staging: Path) -> dict[str, Any]:
     entry = _entry(run.step)
-    summary = write_prompt_set(PromptSetSpec(**entry.spec_fields()), staging / FILE, n=entry.n, seed=entry.seed)
+    summary = write_prompt_set(
+        PromptSetSpec(**entry.spec_fields()), staging / FILE, n=entry.n, seed=entry.seed
+    )
     return {"metrics": {"prompts": summary.n_written, "available": summary.n_available},
             "extra": {"source": summary.source, "categories": summary.categories}}  # fmt: skip
 

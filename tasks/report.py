@@ -35,14 +35,18 @@ def _build(run: StepRun, staging: Path) -> dict[str, Any]:
     for row in params["rows"]:
         model = models.get(row["model"])
         info = dict(row["info"])
-        if model is not None and model.extra.get("variant"):  # a variant's part as resolved when it was merged
+        if model is not None and model.extra.get(
+            "variant"
+        ):  # a variant's part as resolved when it was merged
             info["variant"] = model.extra["variant"]
         files.append(ModelFiles(name=row["name"], kind=row["kind"], expert=row["expert"], info=info,
                                 domain=_local(run, domain.get(row["model"]), "domain.json"),
                                 safety=_local(run, safety.get(row["model"]), "safety.json"),
                                 source=(model.shas.get("model") or model.content_hash) if model else None,
                                 location=model.location if model else None))  # fmt: skip
-    sims = {expert: _local(run, m, "similarity.json") for expert, m in run.manifests("similarity").items() if m}
+    sims = {
+        expert: _local(run, m, "similarity.json") for expert, m in run.manifests("similarity").items() if m
+    }
     title = params["title"]
     results = write_results(staging / "results", files, sims, name=title, config=params["config"],
                             timings=_timings(run))  # fmt: skip
@@ -68,7 +72,9 @@ def _publish(manifest: Manifest, run: StepRun) -> None:
     try:
         text = (folder / "report.md").read_text()
         text += f"\n\n---\nReport folder: `{folder}` (report.html embeds the plots)\n"
-        create_markdown_artifact(text[:100_000], key=artifact_key("report", title), description=f"report of {title}")
+        create_markdown_artifact(
+            text[:100_000], key=artifact_key("report", title), description=f"report of {title}"
+        )
     except Exception as exc:  # an artifact is a report, never a reason to fail the step
         run.logger.warning("could not publish the report artifact: %s", exc)
 

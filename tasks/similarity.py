@@ -17,7 +17,9 @@ def _build(run: StepRun, staging: Path) -> dict[str, Any]:
     result = compute_similarity(run.dir("base"), run.dir("expert"), run.dir("aligned"),
                                 {label: run.dir(m) for label, m in sorted(merged.items())}, staging,
                                 progress=False)  # fmt: skip
-    metrics = {k: v for k, v in result.overall().items() if isinstance(v, int | float) and not isinstance(v, bool)}
+    metrics = {
+        k: v for k, v in result.overall().items() if isinstance(v, int | float) and not isinstance(v, bool)
+    }
     run.logger.info("similarity %s: %s", run.step.name, {k: metrics[k] for k in list(metrics)[:6]})
     return {"metrics": dict(list(metrics.items())[:20]), "extra": {"merged": sorted(merged)}}
 

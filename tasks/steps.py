@@ -84,7 +84,9 @@ class StepKind:
 
     name: str  # the plan's step kind, and the artifact folder <root>/<name>/<key>/
     code_version: str  # bump when the same inputs and parameters give other output
-    build: Callable[[StepRun, Path], Mapping[str, Any] | None] | None = None  # files into staging -> metrics/extra
+    build: Callable[[StepRun, Path], Mapping[str, Any] | None] | None = (
+        None  # files into staging -> metrics/extra
+    )
     title: Callable[[Step], str] = _name_of  # of its Prefect artifact
     label: Callable[[Step], str] = _name_of  # of its Prefect artifact's key
     manifest_params: Callable[[Step], Mapping[str, Any]] = lambda step: {}

@@ -7,11 +7,11 @@ import shutil
 
 import pytest
 import torch
-from tiny_models import load_state_dict, make_model, make_trio
 
 from mergealign.checkpoint import Checkpoint, dtype_from_name
 from mergealign.errors import CheckpointError, MergeAlignError
 from mergealign.model_refs import parse_model_ref
+from tests.helpers.models import load_state_dict, make_model, make_trio
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ import re
 import pytest
 import torch
 import yaml
-from tiny_models import load_state_dict, make_trio
 from typer.testing import CliRunner
 
 from cli.main import app
@@ -22,6 +21,8 @@ from mergealign.contributions import (
 )
 from mergealign.errors import ConfigError
 from mergealign.merge import run_merge
+from tests.helpers.merge_configs import merge_config
+from tests.helpers.models import load_state_dict, make_trio
 
 
 @pytest.fixture(scope="module")
@@ -35,16 +36,7 @@ def sds(trio):
 
 
 def base_cfg(trio, lam=0.5) -> dict:
-    return {
-        "merge_method": "mergealign",
-        "base_model": str(trio.base),
-        "models": [
-            {"model": str(trio.expert), "role": "domain"},
-            {"model": str(trio.aligned), "role": "alignment"},
-        ],
-        "parameters": {"preset": "interp", "lambda": lam},
-        "dtype": "bfloat16",
-    }
+    return merge_config(trio, parameters={"preset": "interp", "lambda": lam}, dtype="bfloat16")
 
 
 # Independent masks: written from the tensor names of a Llama, not from mergealign's classifier.
@@ -115,11 +107,17 @@ def test_variant_config_shape(trio):
     weight = v.config["models"][1]["parameters"]["weight"]
     assert weight[-1] == {"value": 0.0}
     assert sorted(w["filter"] for w in weight[:-1]) == [
-        ".self_attn.k_proj.", ".self_attn.o_proj.", ".self_attn.q_proj.", ".self_attn.v_proj."
+        ".self_attn.k_proj.",
+        ".self_attn.o_proj.",
+        ".self_attn.q_proj.",
+        ".self_attn.v_proj.",
     ]
     assert "weight" not in (v.config["models"][0].get("parameters") or {})
     lay = scope_variant(base_cfg(trio), "domain@~second_half")
-    assert lay.config["models"][0]["parameters"]["weight"] == [{"layers": [1, 1], "value": 0.0}, {"value": 1.0}]
+    assert lay.config["models"][0]["parameters"]["weight"] == [
+        {"layers": [1, 1], "value": 0.0},
+        {"value": 1.0},
+    ]
     assert lay.name == "mergealign-interp-0.5+domain@~second_half"
     names = [v.name for v in contribution_variants(base_cfg(trio))]
     assert len(names) == 8 and len(set(names)) == 8
@@ -140,7 +138,9 @@ def test_filters_do_not_catch_neighbours():
     assert not any(f in "model.layers.0.self_attn.q_norm.weight" for f in attn)
     norm = module_filters("norm", names)
     assert {n for n in names if any(f in n for f in norm)} == {
-        "model.layers.0.self_attn.q_norm.weight", "model.layers.0.input_layernorm.weight", "model.norm.weight"
+        "model.layers.0.self_attn.q_norm.weight",
+        "model.layers.0.input_layernorm.weight",
+        "model.norm.weight",
     }
     assert module_filters("embed", names) == ["model.embed_tokens."]
 
@@ -161,8 +161,9 @@ def test_bad_scopes_and_configs(trio):
 
 
 def test_run_config_entry_expands(trio):
-    entry = ContributionEntry.model_validate({"scopes": ["align@attn", "align@mlp"], "lambda": [0.5, 0.7],
-                                              "sweep": [0.0, 1.0]})
+    entry = ContributionEntry.model_validate(
+        {"scopes": ["align@attn", "align@mlp"], "lambda": [0.5, 0.7], "sweep": [0.0, 1.0]}
+    )
     names = [v.name for v in entry.variants(base_cfg(trio))]
     assert names == [
         "mergealign-interp-0",
@@ -178,7 +179,9 @@ def test_cli_contributions(trio, tmp_path):
     cfg = tmp_path / "base.yaml"
     cfg.write_text(yaml.safe_dump(base_cfg(trio)))
     out = tmp_path / "variants"
-    r = CliRunner().invoke(app, ["contributions", str(cfg), str(out), "--scope", "align@attn", "--lambda", "0.2"])
+    r = CliRunner().invoke(
+        app, ["contributions", str(cfg), str(out), "--scope", "align@attn", "--lambda", "0.2"]
+    )
     assert r.exit_code == 0, r.output
     files = sorted(p.name for p in out.glob("*.yaml"))
     assert files == ["mergealign-interp-0.2.yaml", "mergealign-interp-0.5+align@attn.yaml"]

@@ -7,12 +7,12 @@ import shutil
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from tiny_models import make_trio
 
 from mergealign.checkpoint import Checkpoint
 from mergealign.errors import PreflightError
 from mergealign.preflight import Input, preflight
 from mergealign.shards import plan_shards
+from tests.helpers.models import make_trio
 
 Q0 = "model.layers.0.self_attn.q_proj.weight"
 
@@ -92,7 +92,7 @@ def test_untied_model_without_head_is_reported(llama, tmp_path):
 
 
 def test_vocab_policy_merge_shared_plans_rows(llama, tmp_path):
-    from tiny_models import make_model
+    from tests.helpers.models import make_model
 
     bigger = make_model(tmp_path / "big", "llama", seed=3, vocab_size=336)
     with pytest.raises(PreflightError, match="config vocab_size differs: base: 320, domain: 336"):

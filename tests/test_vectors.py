@@ -6,13 +6,14 @@ import json
 
 import pytest
 import torch
-from tiny_models import load_state_dict, make_trio
 from typer.testing import CliRunner
 
 from cli.main import app
 from mergealign.errors import PreflightError
 from mergealign.merge import run_merge
 from mergealign.vectors import compute_vector, load_vector_stats, read_vector_meta
+from tests.helpers.merge_configs import merge_config
+from tests.helpers.models import load_state_dict, make_trio
 
 runner = CliRunner()
 
@@ -78,17 +79,14 @@ def test_float32_vectors_are_exact_and_sharded(llama, tmp_path):
 def test_persisted_vectors_equal_on_the_fly(llama, vectors, tmp_path, method, params, model_params):
     if model_params is None:  # slerp of weights: base + one model
         models = [{"model": str(llama.expert)}]
+        cfg = {"merge_method": method, "base_model": str(llama.base), "models": models, "parameters": params}
         vec_models = [{"vector": str(vectors / "domain")}]
     else:
-        models = [
-            {"model": str(llama.expert), "role": "domain", "parameters": model_params},
-            {"model": str(llama.aligned), "role": "alignment", "parameters": model_params},
-        ]
+        cfg = merge_config(llama, method, params, domain=model_params, alignment=model_params)
         vec_models = [
             {"vector": str(vectors / "domain"), "role": "domain", "parameters": model_params},
             {"vector": str(vectors / "alignment"), "role": "alignment", "parameters": model_params},
         ]
-    cfg = {"merge_method": method, "base_model": str(llama.base), "models": models, "parameters": params}
     fly = run_merge(cfg, tmp_path / "fly", progress=False)
     stored = run_merge({**cfg, "models": vec_models}, tmp_path / "stored", progress=False)
     a, b = load_state_dict(fly.out_dir), load_state_dict(stored.out_dir)

@@ -1,5 +1,5 @@
 """The demo zoo: a real small trio (base, aligned, expert) built offline on a CPU from data shipped in PyPI
-packages, plus the demo's evaluation data. Prefect-free; flows/zoo.py wraps each step as a cached task.
+packages, plus the demo's evaluation data. Prefect-free; tasks/zoo.py wraps each step as a cached task.
 
 Every step is file-in/file-out into its own output directory, atomic, deterministic given a seed, and
 returns a small manifest dict (see mergealign.demo.steps).

@@ -1,4 +1,4 @@
-"""The whole demo zoo in one call (for a quick manual run; flows/zoo.py wraps each step as a cached task).
+"""The whole demo zoo in one call (for a quick manual run; tasks/zoo.py wraps each step as a cached task).
 
 <out_root>/base        SmolLM2-135M-Instruct from the GGUF (fp32 safetensors)
 <out_root>/knowledge   fictional knowledge base, expert training data, held-out MC items

@@ -1,4 +1,4 @@
-"""The demo zoo's steps as the Prefect tasks of flows/zoo.py run them, Prefect-free: where each step writes,
+"""The demo zoo's steps as the Prefect tasks of tasks/zoo.py run them, Prefect-free: where each step writes,
 which key a step's cached record has, and how one step is built (or reused) in its folder.
 
     base (SmolLM2 GGUF -> safetensors) ─┬─ aligned_data (refusals + self-distilled answers) ─ aligned

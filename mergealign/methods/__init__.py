@@ -41,7 +41,9 @@ def _discover() -> dict[str, type[MergeMethod]]:
             if (inspect.isclass(obj) and issubclass(obj, MergeMethod) and not inspect.isabstract(obj)
                     and obj.__module__ == module.__name__ and "name" in vars(obj)):  # fmt: skip
                 if obj.name in found:
-                    raise RuntimeError(f"two merge methods are named {obj.name!r}: {found[obj.name]} and {obj}")
+                    raise RuntimeError(
+                        f"two merge methods are named {obj.name!r}: {found[obj.name]} and {obj}"
+                    )
                 found[obj.name] = obj
     return found
 

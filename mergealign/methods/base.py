@@ -1,6 +1,6 @@
 """The per-tensor contract every merge method implements, and its parameter specs.
 
-The streaming engine (mergealign/merge.py) calls, for each output tensor, ``method.merge(ctx, base, tensors)``
+The streaming engine (mergealign/merge/engine.py) calls, for each output tensor, ``method.merge(ctx, base, tensors)``
 with float32 inputs on the compute device and writes the float32 result it gets back. It resolves mergekit-style
 parameter values (filters, layer gradients) to one scalar per tensor before the call; methods only see scalars.
 

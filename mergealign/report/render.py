@@ -14,7 +14,6 @@ import html
 import io
 import json
 import logging
-import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -22,7 +21,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from mergealign.files import atomic_write_text
+from mergealign.files import atomic_write_text, json_safe
 from mergealign.report.plots import (
     plot_cka,
     plot_contributions,
@@ -370,19 +369,9 @@ def build_report(
         "missing": res.missing,
         "plots": [p.relative_to(out).as_posix() for p, _ in plots],
     }
-    atomic_write_text(out / "report.json", json.dumps(_json_safe(summary), indent=1, ensure_ascii=False))
+    atomic_write_text(out / "report.json", json.dumps(json_safe(summary), indent=1, ensure_ascii=False))
     log.info("report of %d models, %d plots -> %s", len(res.models), len(plots), out)
     return Report(out, md_path, html_path, table, [p for p, _ in plots], res.missing)
-
-
-def _json_safe(obj: Any) -> Any:
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, Mapping):
-        return {str(k): _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_json_safe(v) for v in obj]
-    return obj
 
 
 def _write_csv(path: Path, table: Table) -> None:

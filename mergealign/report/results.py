@@ -113,9 +113,14 @@ def _section(value: Any, base: Path, missing: list[str], what: str) -> dict[str,
     return None
 
 
+# The results format's default: a model doc that gives only `lambda` means MergeAlign's interp λ (λ_D = λ,
+# λ_A = 1 − λ), unless it names another method.
+LAMBDA_METHOD = "mergealign"
+
+
 def _lambdas(doc: Mapping[str, Any]) -> tuple[float | None, float | None]:
     lam_d, lam_a = doc.get("lambda_domain"), doc.get("lambda_alignment")
-    if lam_d is None and doc.get("lambda") is not None and doc.get("method") in (None, "mergealign"):
+    if lam_d is None and doc.get("lambda") is not None and doc.get("method") in (None, LAMBDA_METHOD):
         lam_d, lam_a = float(doc["lambda"]), 1.0 - float(doc["lambda"])
     return lam_d, lam_a
 

@@ -175,7 +175,7 @@ def contribution_rows(models: Sequence[ModelResult]) -> list[dict[str, Any]]:
                     if b.kind == "merge"
                     and not (b.variant or {}).get("part")
                     and b.expert == m.expert
-                    and b.method in (None, "mergealign")
+                    and b.method in (None, m.method)
                     and b.lambda_domain == m.lambda_domain
                     and b.lambda_alignment == m.lambda_alignment
                 ),

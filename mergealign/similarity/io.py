@@ -4,27 +4,15 @@ from __future__ import annotations
 
 import io
 import json
-import math
 import os
-from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mergealign.errors import MergeAlignError
-from mergealign.files import atomic_write_bytes, atomic_write_text
+from mergealign.files import atomic_write_bytes, atomic_write_text, json_safe
 
 if TYPE_CHECKING:
     from mergealign.similarity.result import SimilarityResult
-
-
-def _json_safe(obj: Any) -> Any:
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, Mapping):
-        return {str(k): _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_json_safe(v) for v in obj]
-    return obj
 
 
 def write_result(result: SimilarityResult, out_dir: str | os.PathLike[str]) -> dict[str, Path]:
@@ -39,7 +27,7 @@ def write_result(result: SimilarityResult, out_dir: str | os.PathLike[str]) -> d
         paths["merged"] = out / "merged.parquet"
         atomic_write_bytes(paths["merged"], _parquet(pd.DataFrame(result.merged_rows())))
     paths["json"] = out / "similarity.json"
-    atomic_write_text(paths["json"], json.dumps(_json_safe(result.summary()), indent=1, allow_nan=False))
+    atomic_write_text(paths["json"], json.dumps(json_safe(result.summary()), indent=1, allow_nan=False))
     return paths
 
 

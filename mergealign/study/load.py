@@ -25,9 +25,9 @@ from mergealign.study.config import DEMO_ZOO_FIXED, URL_RE, DemoZoo, RunConfig
 def validation_context() -> dict[str, Any]:
     """What the schema checks names against: methods (and whether they take a λ, a preset), prompt sets,
     judges. Read from the registries, so a new method, prompt set or judge needs no edit here."""
-    from mergealign.datasets import NAMED_SETS
     from mergealign.judges import KNOWN_JUDGES
     from mergealign.methods import METHODS
+    from mergealign.prompt_sets import NAMED_SETS
 
     methods = {name: {"lambda": cls.study.takes_lambda, "preset": cls.study.takes_preset}
                for name, cls in METHODS.items()}  # fmt: skip

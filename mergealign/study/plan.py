@@ -100,6 +100,30 @@ class StudyPlan:
             todo += self[sid].input_ids() + list(self[sid].after)
         return [s for s in self.steps if s.id in wanted]
 
+    def evaluation(self, models: Iterable[str] | None, prompt_sets: Iterable[str] | None, stages: Iterable[str],
+                   judges: Iterable[str] | None) -> list[str]:  # fmt: skip
+        """The steps an evaluation of these models, prompt sets, stages (generate, judge, domain_eval) and judges
+        asks for (None: all); safety metrics only when every prompt set and judge is asked for."""
+        chosen = {k: None if v is None else set(v) for k, v in
+                  (("model", models), ("prompt_set", prompt_sets), ("judge", judges))}  # fmt: skip
+        stages = set(stages)
+
+        def wanted(step: Step, *keys: str) -> bool:
+            return all(chosen[k] is None or step.info.get(k) in chosen[k] for k in keys)  # type: ignore[operator]
+
+        out = []
+        for step in self.steps:
+            if step.kind == "generate" and "generate" in stages and wanted(step, "model", "prompt_set"):
+                out.append(step.id)
+            elif step.kind == "judge" and "judge" in stages and wanted(step, "model", "prompt_set", "judge"):
+                out.append(step.id)
+            elif (step.kind == "safety" and "judge" in stages and chosen["judge"] is None
+                  and chosen["prompt_set"] is None and wanted(step, "model")):  # fmt: skip
+                out.append(step.id)
+            elif step.kind == "domain_eval" and "domain_eval" in stages and wanted(step, "model"):
+                out.append(step.id)
+        return out
+
     def to_dict(self) -> dict[str, Any]:
         return {"study": self.study, "models": list(self.models), "steps": [s.to_dict() for s in self.steps]}
 

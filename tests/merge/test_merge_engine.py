@@ -8,12 +8,12 @@ import json
 import math
 import shutil
 import subprocess
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from tiny_models import bf16_ulp_diff, bf16_ulps, load_state_dict, make_trio
 from typer.testing import CliRunner
 
 from cli.main import app
@@ -23,6 +23,8 @@ from mergealign.merge import run_merge
 from mergealign.merge.config import load_merge_config
 from mergealign.merge.params import resolve_value
 from mergealign.tensor_names import layer_position
+from tests.helpers.merge_configs import merge_config
+from tests.helpers.models import bf16_ulp_diff, bf16_ulps, load_state_dict, make_trio
 
 runner = CliRunner()
 
@@ -59,16 +61,7 @@ def cli_merge(cfg: dict, tmp_path: Path, name: str = "out", *extra: str) -> Path
 
 
 def two_models(llama, method: str, params: dict | None = None, mp=None, ap=None, **extra) -> dict:
-    return {
-        "merge_method": method,
-        "base_model": str(llama.base),
-        "models": [
-            {"model": str(llama.expert), "role": "domain", "parameters": mp or {}},
-            {"model": str(llama.aligned), "role": "alignment", "parameters": ap or {}},
-        ],
-        "parameters": params or {},
-        **extra,
-    }
+    return merge_config(llama, method, params or {}, domain=mp or {}, alignment=ap or {}, **extra)
 
 
 def check(out: Path, reference, max_ulps: int = 1) -> None:
@@ -514,14 +507,7 @@ def test_file_sources_and_input_hashes(llama, tmp_path):
     (marked / "tokenizer_config.json").write_text(json.dumps({**tok_cfg, "model_max_length": 77}))
     conf = json.loads((marked / "config.json").read_text())
     (marked / "config.json").write_text(json.dumps({**conf, "marker": "base"}))
-    cfg = {
-        "merge_method": "mergealign",
-        "base_model": str(marked),
-        "models": [
-            {"model": str(llama.expert), "role": "domain"},
-            {"model": str(llama.aligned), "role": "alignment"},
-        ],
-    }
+    cfg = merge_config(replace(llama, base=marked))
     default = run_merge(cfg, tmp_path / "default", progress=False).out_dir
     assert "marker" not in json.loads((default / "config.json").read_text())  # default: the alignment model
     assert json.loads((default / "tokenizer_config.json").read_text()).get("model_max_length") != 77

@@ -13,11 +13,12 @@ from pathlib import Path
 
 import pytest
 import yaml
-from tiny_models import make_trio
 
 from mergealign.errors import MergeAlignError
 from mergealign.merge import run_merge
 from mergealign.writer import PROGRESS_FILE, output_is_finished
+from tests.helpers.merge_configs import merge_config
+from tests.helpers.models import make_trio
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -27,18 +28,9 @@ def llama(tmp_path_factory):
     return make_trio(tmp_path_factory.mktemp("llama"), "llama")
 
 
-def config(trio, **extra) -> dict:
-    return {
-        "merge_method": "mergealign",
-        "base_model": str(trio.base),
-        "models": [
-            {"model": str(trio.expert), "role": "domain"},
-            {"model": str(trio.aligned), "role": "alignment"},
-        ],
-        "parameters": {"lambda": 0.4},
-        "shard_size": "24K",
-        **extra,
-    }
+def config(trio, parameters: dict | None = None, **extra) -> dict:
+    params = {"lambda": 0.4} if parameters is None else parameters
+    return merge_config(trio, parameters=params, shard_size="24K", **extra)
 
 
 def files(d: Path) -> dict[str, bytes]:

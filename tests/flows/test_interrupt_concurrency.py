@@ -11,10 +11,10 @@ import time
 from pathlib import Path
 
 import pytest
-from pipehelpers import PYTHON, REPO, states, study_config, subprocess_env, write_config
 
 from flows.study import mergealign_study
 from mergealign.writer import PROGRESS_FILE
+from tests.helpers.study import PYTHON, REPO, states, study_config, subprocess_env, write_config
 
 pytestmark = pytest.mark.slow
 
@@ -67,7 +67,11 @@ def test_run_killed_during_merge_resumes_the_merge(prefect_api, small_zoo, tmp_p
     # byte-identical to an uninterrupted merge of the same config
     from mergealign.study.merges import engine_config
 
-    folders = {"base": str(small_zoo.base), "expert": str(small_zoo.expert), "aligned": str(small_zoo.aligned)}
+    folders = {
+        "base": str(small_zoo.base),
+        "expert": str(small_zoo.expert),
+        "aligned": str(small_zoo.aligned),
+    }
     ref = tmp_path / "reference"
     run_merge(engine_config(manifest["extra"]["spec"], folders), ref, device="cpu", progress=False)
     shards = sorted(p.name for p in merged.glob("*.safetensors"))

@@ -6,9 +6,7 @@ import hashlib
 import json
 import shutil
 
-import eval_tiny_models as tiny
 import pytest
-from evalhelpers import first_token_probability, read_jsonl, write_jsonl
 
 from mergealign.errors import ConfigError, MergeAlignError
 from mergealign.generation import RuntimeSettings
@@ -23,6 +21,8 @@ from mergealign.judges import (
 )
 from mergealign.judges.classifiers import parse_md_judge, parse_yes_no
 from mergealign.judges.refusal import DEFAULT_KEYWORDS
+from tests.helpers import models as tiny
+from tests.helpers.evaluation import first_token_probability, read_jsonl, write_jsonl
 
 # (raw judge output, safe, categories, unparseable)
 GUARD_TABLE = [
@@ -223,7 +223,7 @@ def test_llama_guard_end_to_end_transformers(tmp_path, guard_model):
 
 def _tokenizer_dir(tmp_path, name, template):
     path = tmp_path / name
-    tiny.build_tokenizer(template).save_pretrained(path)
+    tiny.build_tokenizer(path, template)
     return path
 
 
@@ -283,10 +283,10 @@ def test_harmbench_template_placeholders(tmp_path):
 
 def test_raw_prompt_judge_end_to_end(tmp_path, chat_model):
     """harmbench-classifier: a raw (non-chat) prompt per row, through the same worker and parser."""
-    from evalhelpers import raw_greedy_and_first_prob
     from transformers import AutoTokenizer
 
     from mergealign.judges.classifiers import HARMBENCH_TEMPLATE, render
+    from tests.helpers.evaluation import raw_greedy_and_first_prob
 
     gens = write_jsonl(tmp_path / "gens.jsonl", GENERATIONS[:2])
     settings = JudgeSettings(

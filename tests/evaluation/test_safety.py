@@ -7,10 +7,10 @@ import math
 
 import numpy as np
 import pytest
-from evalhelpers import write_jsonl
 
 from mergealign.errors import MergeAlignError
 from mergealign.evaluation.safety import bootstrap_ci, safety_metrics
+from tests.helpers.evaluation import write_jsonl
 
 
 def test_bootstrap_matches_explicit_resampling_and_normal_approximation():

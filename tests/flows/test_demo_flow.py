@@ -2,8 +2,9 @@
 findings arithmetic itself: tests/demo/test_demo_findings.py).
 
 The real zoo (SmolLM2-135M fine-tuned on CPU) takes ~15 minutes, so the flow tests build the zoo from the
-random tiny base of tests/pipeline (zoo_demo.base) with tiny step options: every step still runs for real
-(data generation, self-distillation, LoRA training, the lm-eval task), through real Prefect.
+random tiny base of the session's tiny zoo (tests/conftest.py; zoo_demo.base) with tiny step options: every
+step still runs for real (data generation, self-distillation, LoRA training, the lm-eval task), through real
+Prefect.
 """
 
 from __future__ import annotations
@@ -15,16 +16,17 @@ from typing import Any
 
 import pytest
 import yaml
-from pipehelpers import REPO, states, write_config
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from cli.main import app
-from flows.demo import mergealign_demo, share_cores
+from flows.demo import mergealign_demo
 from flows.zoo import demo_zoo_flow
 from mergealign.demo.zoo_steps import STEP_DIRS, ZooPaths
+from mergealign.devices import share_cores
 from mergealign.errors import ConfigError
 from mergealign.study import check_inputs, load_config, parse_config, plan_study
+from tests.helpers.study import REPO, states, write_config
 
 DEMO = REPO / "configs" / "demo.yaml"
 # Small enough for seconds per step on a tiny model; layers: the tiny model has 2.
@@ -53,15 +55,13 @@ def test_demo_config_is_the_study_of_issue_6():
         if p["method"] == "mergealign" and p["coefficients"]["preset"] != "sum"
     )  # fmt: skip
     assert interp == [0.25, 0.5, 0.75]
-    assert any(p["method"] == "mergealign" and p["coefficients"]["preset"] == "sum" for p in jobs.values())  # sum
+    assert any(p["method"] == "mergealign" and p["coefficients"]["preset"] == "sum" for p in jobs.values())
     assert {"ties", "slerp", "linear"} <= {p["method"] for p in jobs.values()}
     assert "pharma-mergealign-interp-l0.5" in jobs  # the row the findings read (findings.PAPER_DEFAULT)
     gen = cfg.generation
     assert gen.enabled and gen.backend == "transformers" and gen.models == "all"
     # one file of held-out harmful and benign prompts, the kind of each row read from it
-    assert [(Path(p.path), p.kind_column) for p in gen.prompt_sets] == [
-        (zoo.heldout_prompts, "kind")
-    ]
+    assert [(Path(p.path), p.kind_column) for p in gen.prompt_sets] == [(zoo.heldout_prompts, "kind")]
     assert (
         cfg.zoo_demo.steps["eval_prompts"]["n_harmful"] >= 32
         and cfg.zoo_demo.steps["eval_prompts"]["n_benign"] >= 32

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import warnings
 
-import eval_tiny_models as tiny
 import pytest
-from evalhelpers import PROMPTS, first_token_probability, read_jsonl, write_jsonl
 
 from mergealign.generation import GenerationSettings, RuntimeSettings, generate
 from mergealign.generation.runner import vllm_python_available
 from mergealign.judges import JudgeSettings, judge
+from tests.helpers import models as tiny
+from tests.helpers.evaluation import PROMPTS, first_token_probability, read_jsonl, write_jsonl
 
 VLLM_PYTHON = vllm_python_available()
 if VLLM_PYTHON is None:

@@ -1,11 +1,10 @@
-"""Merge methods: each checked element-wise against a plain reference formula (tests/methods_reference.py) and,
+"""Merge methods: each checked element-wise against a plain reference formula (tests/helpers/reference.py) and,
 where mergekit 0.1.5 is installed, against its in-memory API ``mergekit.merge_methods.merge_tensors``."""
 
 from __future__ import annotations
 
 import copy
 
-import methods_reference as ref
 import pytest
 import torch
 
@@ -23,6 +22,7 @@ from mergealign.methods import base as methods_base
 from mergealign.methods.base import CHUNK_ELEMENTS
 from mergealign.methods.dare import dare_mask
 from mergealign.methods.selection import kth_largest_abs
+from tests.helpers import reference as ref
 
 # Kernels work in chunks; tests lower the chunk size so that the last shape spans several chunks (the last one
 # partial). test_default_chunk_size_on_a_large_tensor runs the real size once.

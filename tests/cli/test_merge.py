@@ -10,11 +10,12 @@ from pathlib import Path
 
 import pytest
 import yaml
-from tiny_models import make_trio
 from typer.testing import CliRunner
 
 from cli.main import app
 from mergealign.methods import METHODS
+from tests.helpers.merge_configs import merge_config
+from tests.helpers.models import make_trio
 
 ROOT = Path(__file__).resolve().parents[2]
 runner = CliRunner()
@@ -37,17 +38,9 @@ def mergealign(*args: str) -> subprocess.CompletedProcess:
     )
 
 
-def write_config(path: Path, trio, **extra) -> Path:
-    cfg = {
-        "merge_method": "mergealign",
-        "base_model": str(trio.base),
-        "models": [
-            {"model": str(trio.expert), "role": "domain"},
-            {"model": str(trio.aligned), "role": "alignment"},
-        ],
-        "parameters": {"preset": "interp", "lambda": 0.5},
-        **extra,
-    }
+def write_config(path: Path, trio, parameters: dict | None = None, **extra) -> Path:
+    params = {"preset": "interp", "lambda": 0.5} if parameters is None else parameters
+    cfg = merge_config(trio, parameters=params, **extra)
     path.write_text(yaml.safe_dump(cfg))
     return path
 

@@ -1,4 +1,5 @@
-"""Helpers of the pipeline tests (configs, subprocess environment, state tables)."""
+"""Helpers of the study and flow tests: run-config writers, the environment of subprocesses (`python -m cli`,
+prefect workers), the state table of a study run."""
 
 from __future__ import annotations
 

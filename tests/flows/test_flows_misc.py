@@ -6,9 +6,9 @@ from __future__ import annotations
 import httpx2
 import pytest
 from huggingface_hub.errors import RepositoryNotFoundError
-from pipehelpers import study_config, write_config
 
 from mergealign.errors import ConfigError, MergeAlignError
+from tests.helpers.study import study_config, write_config
 
 
 def _flaky_flow(exc_factory, fail_times: int):

@@ -6,12 +6,12 @@ import json
 
 import pytest
 import torch
-from tiny_models import make_trio
 from typer.testing import CliRunner
 
 from cli.main import app
 from mergealign.cka import compute_cka, linear_cka, read_prompts
 from mergealign.errors import MergeAlignError
+from tests.helpers.models import make_trio
 
 
 def hsic_cka(x: torch.Tensor, y: torch.Tensor) -> float:

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-from pipehelpers import PYTHON, REPO, study_config, subprocess_env, write_config
+
+from tests.helpers.study import PYTHON, REPO, study_config, subprocess_env, write_config
 
 pytestmark = pytest.mark.slow
 PREFECT = str(Path(PYTHON).parent / "prefect")

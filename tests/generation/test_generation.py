@@ -10,15 +10,15 @@ import sys
 import time
 from pathlib import Path
 
-import eval_tiny_models as tiny
 import pytest
-from evalhelpers import PROMPTS, greedy_reference, read_jsonl, write_jsonl
 from transformers import AutoTokenizer
 
 from mergealign.errors import ConfigError, MergeAlignError
 from mergealign.generation import GenerationSettings, RuntimeSettings, generate
 from mergealign.generation.runner import PROJECT_ROOT, resolve_python
 from mergealign.generation.templates import resolve_chat_template
+from tests.helpers import models as tiny
+from tests.helpers.evaluation import PROMPTS, greedy_reference, read_jsonl, write_jsonl
 
 # One torch thread: the tiny model gains nothing from two, and two OpenMP threads on a busy 2-core machine
 # slow down by an order of magnitude.
